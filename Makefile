@@ -1,0 +1,40 @@
+# razor-gguf: one command to set up and run the demo, one to set up and run the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip --disable-pip-version-check -q
+# The binding is installed from the same pinned, cached sdist the libraries are built from,
+# without building llama.cpp a second time.
+BINDING_ARGS := -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF
+
+.PHONY: setup demo test sysdeps deps clean
+
+demo: setup
+	$(VENV)/bin/razor-gguf demo
+
+test: setup
+	$(VENV)/bin/pytest
+
+setup: deps
+	$(PIP) install --no-deps --no-build-isolation .
+	$(VENV)/bin/razor-gguf --version
+
+deps: sysdeps $(VENV)/.deps
+
+sysdeps:
+	@missing=""; for t in ccache git; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing with apt"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.deps: pyproject.toml native/prepare_source.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "scikit-build-core>=0.10" cmake ninja "cffi>=1.15" "numpy>=1.24" "gguf>=0.17" "pytest>=7"
+	$(VPY) -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36")' 2>/dev/null || \
+	  CMAKE_ARGS="$(BINDING_ARGS)" $(PIP) install "$$($(VPY) native/prepare_source.py --sdist)"
+	touch $@
+
+clean:
+	rm -rf build razor_gguf/lib

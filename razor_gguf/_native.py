@@ -1,0 +1,121 @@
+"""Load the patched llama.cpp libraries and bind the razor C entry points.
+
+llama-cpp-python is installed without a llama.cpp of its own; it loads whatever libllama
+LLAMA_CPP_LIB_PATH points at when `llama_cpp` is first imported. We point it at our patched
+build for that one import only, so child processes and other programs are unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import sys
+from dataclasses import dataclass
+
+import cffi
+
+BINDING_VERSION = "0.3.36"
+BASE_COMMIT = "0c1e57098"
+MIN_PATCH_VERSION = 1
+
+_CDEF = """
+uint32_t     llama_razor_patch_version(void);
+const char * llama_razor_base_commit(void);
+const char * llama_razor_backends(void);
+"""
+
+
+class NativeLibraryError(RuntimeError):
+    """The patched libraries are missing or do not match the installed binding."""
+
+
+def lib_dir() -> pathlib.Path:
+    env = os.environ.get("RAZOR_GGUF_LIB_PATH")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent / "lib"
+
+
+def _lib_file(directory: pathlib.Path) -> pathlib.Path:
+    name = {"win32": "llama.dll", "darwin": "libllama.dylib"}.get(sys.platform, "libllama.so")
+    return directory / name
+
+
+@functools.lru_cache(maxsize=None)
+def razor_lib():
+    """cffi handle on the patched libllama (the same shared object llama_cpp uses)."""
+    path = _lib_file(lib_dir())
+    if not path.exists():
+        raise NativeLibraryError(
+            f"patched llama.cpp library not found at {path}; build it with `make setup` "
+            "(or `pip install .`)")
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    try:
+        lib = ffi.dlopen(str(path))
+        lib.llama_razor_patch_version
+    except (OSError, AttributeError) as e:
+        raise NativeLibraryError(f"{path} is not a razor-patched llama.cpp build: {e}") from None
+    return ffi, lib
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    patch_version: int
+    base_commit: str
+    backends: tuple[str, ...]
+    lib_dir: pathlib.Path
+
+
+def build_info() -> BuildInfo:
+    ffi, lib = razor_lib()
+    backends = ffi.string(lib.llama_razor_backends()).decode()
+    return BuildInfo(
+        patch_version=int(lib.llama_razor_patch_version()),
+        base_commit=ffi.string(lib.llama_razor_base_commit()).decode(),
+        backends=tuple(b for b in backends.split(",") if b),
+        lib_dir=lib_dir(),
+    )
+
+
+def _check_match(binding_version: str, info: BuildInfo) -> None:
+    if binding_version != BINDING_VERSION:
+        raise NativeLibraryError(
+            f"llama-cpp-python {binding_version} is installed but the razor libraries are built "
+            f"for {BINDING_VERSION}; install llama-cpp-python=={BINDING_VERSION}")
+    if info.base_commit != BASE_COMMIT or info.patch_version < MIN_PATCH_VERSION:
+        raise NativeLibraryError(
+            f"libraries in {info.lib_dir} are llama.cpp {info.base_commit} with razor patch "
+            f"{info.patch_version}; this package needs {BASE_COMMIT} with patch >= "
+            f"{MIN_PATCH_VERSION}: rebuild with `make setup`")
+
+
+@functools.lru_cache(maxsize=None)
+def load_llama_cpp():
+    """Import llama_cpp bound to the patched libraries and check that both sides match."""
+    info = build_info()
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None:
+        # Someone imported llama_cpp first: it is bound to whatever it found then.
+        if pathlib.Path(loaded._base_path).resolve() != info.lib_dir.resolve():
+            raise NativeLibraryError(
+                f"llama_cpp was imported before razor_gguf and is bound to {loaded._base_path}; "
+                "import razor_gguf first")
+    else:
+        previous = os.environ.get("LLAMA_CPP_LIB_PATH")
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(info.lib_dir)
+        try:
+            import llama_cpp.llama_cpp  # noqa: F401  (binds to LLAMA_CPP_LIB_PATH at import)
+        except AttributeError as e:
+            # The binding resolves every symbol it mirrors at import time.
+            raise NativeLibraryError(
+                f"the libraries in {info.lib_dir} lack a symbol llama-cpp-python "
+                f"{BINDING_VERSION} needs ({e}); rebuild with `make setup`") from None
+        finally:
+            if previous is None:
+                os.environ.pop("LLAMA_CPP_LIB_PATH", None)
+            else:
+                os.environ["LLAMA_CPP_LIB_PATH"] = previous
+    import llama_cpp
+
+    _check_match(llama_cpp.__version__, info)
+    return llama_cpp

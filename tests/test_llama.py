@@ -1,0 +1,38 @@
+"""razor_gguf.Llama is a drop-in llama_cpp.Llama; without a head map it is stock llama.cpp."""
+
+import importlib.util
+import pathlib
+
+import llama_cpp
+
+from razor_gguf import Llama
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("record_golden", ROOT / "tools" / "record_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_is_a_llama_cpp_llama():
+    assert issubclass(Llama, llama_cpp.Llama)
+
+
+def test_greedy_completion_matches_unpatched_golden(smollm2_path, golden_smollm2):
+    recipe = _recipe()
+    assert golden_smollm2["request"] == recipe.REQUEST
+    tokens, text = recipe.greedy_completion(Llama, smollm2_path, golden_smollm2["request"])
+    assert tokens == golden_smollm2["tokens"]
+    assert text == golden_smollm2["text"]
+
+
+def test_create_completion_api(smollm2_path, golden_smollm2):
+    req = golden_smollm2["request"]
+    llm = Llama(model_path=smollm2_path, n_ctx=req["n_ctx"], verbose=False)
+    out = llm.create_completion(req["prompt"], max_tokens=8, temperature=0.0)
+    assert golden_smollm2["text"].startswith(out["choices"][0]["text"])
+    chunks = list(llm.create_completion(req["prompt"], max_tokens=8, temperature=0.0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
