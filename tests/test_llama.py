@@ -3,9 +3,9 @@
 import importlib.util
 import pathlib
 
-import llama_cpp
+from razor_gguf import Llama  # first: it binds llama_cpp to the patched libraries
 
-from razor_gguf import Llama
+import llama_cpp  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
