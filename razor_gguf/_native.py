@@ -8,6 +8,7 @@ build for that one import only, so child processes and other programs are unaffe
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import pathlib
 import sys
@@ -32,7 +33,17 @@ class NativeLibraryError(RuntimeError):
 
 def lib_dir() -> pathlib.Path:
     env = os.environ.get("RAZOR_GGUF_LIB_PATH")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent / "lib"
+    if env:
+        return pathlib.Path(env)
+    here = pathlib.Path(__file__).resolve().parent / "lib"
+    if here.is_dir():
+        return here
+    # Running from a source checkout: use the libraries of the installed build.
+    try:
+        installed = pathlib.Path(importlib.metadata.distribution("razor-gguf").locate_file("razor_gguf/lib"))
+    except importlib.metadata.PackageNotFoundError:
+        return here
+    return installed.resolve() if installed.is_dir() else here
 
 
 def _lib_file(directory: pathlib.Path) -> pathlib.Path:

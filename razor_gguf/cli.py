@@ -41,6 +41,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return cli_models_path(args.name)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
 class _Parser(argparse.ArgumentParser):
     # argparse already exits 2 on usage errors; keep its message to one line.
     def error(self, message: str):  # type: ignore[override]
@@ -57,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     path = msub.add_parser("path", help="print the local path of a test model, fetching it if needed")
     path.add_argument("name", choices=["smollm2", "gemma3"])
     path.set_defaults(func=_cmd_models)
+
+    demo = sub.add_parser("demo", help="fetch SmolLM2 and run a short greedy completion")
+    demo.set_defaults(func=_cmd_demo)
     return ap
 
 
