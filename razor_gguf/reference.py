@@ -1,0 +1,284 @@
+"""A reference PyTorch forward pass over a GGUF's own weights (SPEC section 1).
+
+The weights are dequantized with gguf-py, one layer at a time (streaming: only one layer's weights are
+held as float32 at any moment), and the attention of every layer is computed in chunks of query rows,
+so no full [T, T] matrix is ever materialized. A hook receives the post-softmax probabilities of each
+chunk, which is all head scoring needs.
+
+Supported architectures: llama and mistral (Q/K stored permuted for llama.cpp's NORM rope, i.e. rotation
+of adjacent pairs), qwen2 (q/k/v biases, NEOX rope), qwen3 (per-head q/k RMSNorm, NEOX rope) and gemma3
+(scaled embeddings, q/k norms, post-norms, GELU, interleaved sliding-window layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+_NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")
+
+
+class ReferenceError(Exception):
+    """A GGUF the reference pass cannot run (unsupported architecture, missing tensor)."""
+
+
+def _field(reader, key, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    v = f.contents()
+    if isinstance(v, list):  # per-layer arrays: the reference needs them uniform
+        if len(set(v)) != 1:
+            raise ReferenceError(f"{key} varies per layer, which the reference pass does not support")
+        v = v[0]
+    return v
+
+
+@dataclass
+class HParams:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_dim: int
+    n_ctx_train: int
+    n_vocab: int
+    rms_eps: float
+    rope_base: float
+    rope_scale: float = 1.0  # positions are multiplied by this (1/linear factor)
+    rope_base_swa: float = 10000.0
+    n_swa: int = 0
+    swa_layers: list[bool] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @property
+    def neox(self) -> bool:
+        return self.arch in _NEOX_ARCHS
+
+
+def read_hparams(reader) -> HParams:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ReferenceError(
+            f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
+    n_layer = int(_field(reader, f"{arch}.block_count"))
+    n_embd = int(_field(reader, f"{arch}.embedding_length"))
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", n_embd // n_head))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    n_vocab = int(_field(reader, f"{arch}.vocab_size", 0) or (len(tokens.data) if tokens else 0))
+    if not n_vocab:
+        n_vocab = int(_tensor(reader, "token_embd.weight").shape[1])
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if scaling not in ("none", "linear") and factor != 1.0:
+        raise ReferenceError(f"rope scaling {scaling!r} is not supported by the reference pass")
+    hp = HParams(
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        rope_dim=int(_field(reader, f"{arch}.rope.dimension_count", head_dim)),
+        n_ctx_train=int(_field(reader, f"{arch}.context_length", 2048)),
+        n_vocab=n_vocab,
+        rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scale=1.0 / factor if scaling == "linear" else 1.0,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+    )
+    hp.swa_layers = [False] * n_layer
+    if arch == "gemma3":
+        # llama.cpp: every 6th layer is global, the others use a sliding window and rope base 10000.
+        hp.n_swa = int(_field(reader, f"{arch}.attention.sliding_window", 0) or 0)
+        if hp.n_swa:
+            hp.swa_layers = [(il + 1) % 6 != 0 for il in range(n_layer)]
+    return hp
+
+
+def _tensor(reader, name):
+    for t in reader.tensors:
+        if t.name == name:
+            return t
+    return None
+
+
+class GGUFWeights:
+    """Dequantizes tensors on demand (nothing is cached, so callers control what is resident)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._by_name = {t.name: t for t in reader.tensors}
+
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
+    def get(self, name: str, rows=None):
+        import torch
+        from gguf.quants import dequantize
+
+        t = self._by_name.get(name)
+        if t is None:
+            raise ReferenceError(f"tensor {name!r} is missing")
+        data = t.data if rows is None else t.data[rows]
+        arr = dequantize(np.asarray(data), t.tensor_type)
+        if rows is None:
+            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+            arr = arr.reshape(shape)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def _rms_norm(x, w, eps):
+    import torch
+
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, pos, dim, base, scale, neox, freq_factors=None):
+    """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does."""
+    import torch
+
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if freq_factors is not None:
+        inv = inv / freq_factors.double()
+    ang = (pos.double()[:, None] * scale) * inv[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    xr, xp = x[..., :dim], x[..., dim:]
+    if neox:
+        x1, x2 = xr[..., : dim // 2], xr[..., dim // 2 :]
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+
+
+# hook(layer, row_start, probs) with probs [n_head, rows, n_keys] (n_keys = row_start + rows: causal)
+AttentionHook = Callable[[int, int, "object"], None]
+
+
+class ReferenceModel:
+    """The forward pass. Usage: ReferenceModel(path).forward(tokens, hook=...)."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+
+        self.path = str(path)
+        self.reader = GGUFReader(self.path, "r")
+        self.hp = read_hparams(self.reader)
+        self.w = GGUFWeights(self.reader)
+
+    def _layer(self, il: int) -> dict:
+        p = f"blk.{il}."
+        names = {
+            "attn_norm": "attn_norm.weight", "wq": "attn_q.weight", "wk": "attn_k.weight",
+            "wv": "attn_v.weight", "wo": "attn_output.weight", "ffn_norm": "ffn_norm.weight",
+            "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+        }
+        optional = {
+            "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias", "bo": "attn_output.bias",
+            "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
+            "attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight",
+        }
+        out = {k: self.w.get(p + v) for k, v in names.items()}
+        out.update({k: self.w.get(p + v) for k, v in optional.items() if self.w.has(p + v)})
+        return out
+
+    def forward(
+        self,
+        tokens,
+        hook: AttentionHook | None = None,
+        chunk: int = 256,
+        want_logits: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        """Run the model on `tokens`; returns the last token's logits (if want_logits) else None."""
+        import torch
+
+        hp = self.hp
+        tok = np.asarray(tokens, dtype=np.int64)
+        T = len(tok)
+        # Embedding: dequantize only the rows the prompt uses.
+        uniq, inv = np.unique(tok, return_inverse=True)
+        x = self.w.get("token_embd.weight", rows=uniq)[torch.from_numpy(inv)]
+        if hp.arch == "gemma3":
+            x = x * math.sqrt(hp.n_embd)
+        pos = torch.arange(T)
+        ff = self.w.get("rope_freqs.weight") if self.w.has("rope_freqs.weight") else None
+        g = hp.n_head // hp.n_head_kv
+        hd = hp.head_dim
+        kq_scale = 1.0 / math.sqrt(hd)
+        with torch.no_grad():
+            for il in range(hp.n_layer):
+                L = self._layer(il)
+                h = _rms_norm(x, L["attn_norm"], hp.rms_eps)
+                q = h @ L["wq"].T
+                k = h @ L["wk"].T
+                v = h @ L["wv"].T
+                if "bq" in L:
+                    q, k, v = q + L["bq"], k + L["bk"], v + L["bv"]
+                q = q.view(T, hp.n_head, hd).transpose(0, 1)  # [H, T, d]
+                k = k.view(T, hp.n_head_kv, hd).transpose(0, 1)
+                v = v.view(T, hp.n_head_kv, hd).transpose(0, 1)
+                if "q_norm" in L:
+                    q = _rms_norm(q, L["q_norm"], hp.rms_eps)
+                    k = _rms_norm(k, L["k_norm"], hp.rms_eps)
+                swa = hp.swa_layers[il] if hp.swa_layers else False
+                base = hp.rope_base_swa if swa else hp.rope_base
+                scale = 1.0 if swa else hp.rope_scale
+                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff)
+                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff)
+                # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
+                qg = q.reshape(hp.n_head_kv, g, T, hd)
+                out = torch.empty(hp.n_head_kv, g, T, hd)
+                for s in range(0, T, chunk):
+                    e = min(T, s + chunk)
+                    sc = torch.matmul(qg[:, :, s:e], k[:, None, :e].transpose(-1, -2)) * kq_scale
+                    qi = torch.arange(s, e)[:, None]
+                    kj = torch.arange(e)[None, :]
+                    mask = kj > qi
+                    if swa:
+                        mask = mask | (qi - kj >= hp.n_swa)
+                    sc.masked_fill_(mask, float("-inf"))
+                    pr = torch.softmax(sc, dim=-1)
+                    if hook is not None:
+                        hook(il, s, pr.reshape(hp.n_head, e - s, e))
+                    out[:, :, s:e] = torch.matmul(pr, v[:, None, :e])
+                    del sc, pr
+                attn = out.reshape(hp.n_head, T, hd).transpose(0, 1).reshape(T, hp.n_head * hd)
+                attn = attn @ L["wo"].T
+                if "bo" in L:
+                    attn = attn + L["bo"]
+                if "attn_post_norm" in L:
+                    attn = _rms_norm(attn, L["attn_post_norm"], hp.rms_eps)
+                x = x + attn
+                h = _rms_norm(x, L["ffn_norm"], hp.rms_eps)
+                gate = h @ L["gate"].T
+                act = torch.nn.functional.gelu(gate, approximate="tanh") if hp.arch == "gemma3" else torch.nn.functional.silu(gate)
+                f = (act * (h @ L["up"].T)) @ L["down"].T
+                if "ffn_post_norm" in L:
+                    f = _rms_norm(f, L["ffn_post_norm"], hp.rms_eps)
+                x = x + f
+                del L
+                if progress is not None:
+                    progress(il)
+            if not want_logits:
+                return None
+            last = _rms_norm(x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
+            name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
+            t = self.w._by_name[name]
+            n_rows = t.data.shape[0]
+            logits = []
+            for r in range(0, n_rows, 8192):  # stream the output matrix in row blocks
+                W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192)))
+                logits.append(last @ W.T)
+            return torch.cat(logits, dim=-1)[0]
