@@ -1,0 +1,79 @@
+"""Numpy forward pass of the tiny llama model, matching llama.cpp's math (src/models/llama.cpp).
+
+Attention goes through the razor oracle, so the same function gives stock logits (all heads
+retrieval, the default) and the logits the razor cache must produce (a head map, S, W, slack).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from ..oracle import razor_attention
+from .tiny_model import TinyConfig
+
+Array = npt.NDArray[np.floating]
+
+
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    # ggml_rms_norm: x / sqrt(mean(x^2) + eps), then the weight multiplies elementwise.
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope_norm(x: Array, pos: npt.NDArray[np.int64], base: float) -> Array:
+    """LLAMA_ROPE_TYPE_NORM (what LLM_ARCH_LLAMA uses): rotate adjacent pairs (x[2i], x[2i+1])
+    by pos * base^(-2i/d). x: [T, n_head, d], n_rot = d, no scaling (freq_scale 1, ext_factor 0)."""
+    d = x.shape[-1]
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+    ang = pos.astype(np.float64)[:, None] * inv[None, :]  # [T, d/2]
+    cos, sin = np.cos(ang)[:, None, :].astype(x.dtype), np.sin(ang)[:, None, :].astype(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def forward(
+    weights: dict[str, npt.NDArray[np.float32]],
+    cfg: TinyConfig,
+    tokens: npt.ArrayLike,
+    head_map: npt.ArrayLike | None = None,
+    n_sink: int = 4,
+    window: int = 64,
+    slack: int | npt.ArrayLike = 0,
+    positions: npt.ArrayLike | None = None,
+    reference: bool = False,
+) -> Array:
+    """Logits [T, n_vocab] for `tokens` (one sequence, positions 0..T-1 by default).
+
+    head_map: [n_layer, n_head_kv] (1 = retrieval); None means all retrieval (stock attention),
+    in which case n_sink/window/slack do not matter. reference=True runs in float64.
+    Compare llama.cpp with an f32 KV cache and flash attention off for a tight match: f16 KV
+    (the default) and flash attention (which casts K/V to f16 even from an f32 cache) add f16
+    rounding that 4 random layers amplify to ~1e-2; rounding K/V/Q here does not reproduce it.
+    """
+    dt = np.float64 if reference else np.float32
+    tok = np.asarray(tokens, dtype=np.int64)
+    t = len(tok)
+    pos = np.arange(t, dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
+    hm = np.ones((cfg.n_layer, cfg.n_head_kv), np.int64) if head_map is None else np.asarray(head_map).reshape(cfg.n_layer, cfg.n_head_kv)
+    eps = float(np.float32(cfg.rms_eps))  # the GGUF stores eps as f32
+    w = {n: a.astype(dt) for n, a in weights.items()}
+
+    x = w["token_embd.weight"][tok]  # [T, n_embd]
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        h = rms_norm(x, w[p + "attn_norm.weight"], eps)
+        q = (h @ w[p + "attn_q.weight"].T).reshape(t, cfg.n_head, cfg.head_dim)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q, k = rope_norm(q, pos, cfg.rope_base), rope_norm(k, pos, cfg.rope_base)
+        att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, reference=reference)
+        x = x + att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
+        h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
+        g = h @ w[p + "ffn_gate.weight"].T
+        u = h @ w[p + "ffn_up.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T  # SwiGLU (LLM_FFN_SILU, PAR)
+    h = rms_norm(x, w["output_norm.weight"], eps)
+    return h @ w["output.weight"].T

@@ -1,0 +1,203 @@
+"""Write a tiny llama-architecture GGUF with random weights (fixed seed), for exact numeric tests.
+
+The model is small enough for a numpy forward pass (`tiny_forward.py`) to check llama.cpp's
+logits token by token. Weights are written in llama.cpp's own layout (Q/K rows already in the
+order its NORM RoPE expects: adjacent pairs), so no HF-style Q/K permutation is involved.
+Optionally the file carries `razor.*` metadata (SPEC section 2) for a given head map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+# SentencePiece-style vocab: <unk>, <s>, </s> and the 256 byte tokens (byte fallback), so the
+# tokenizer loads and can encode any text, with no merges or pre-tokenizer to get right.
+N_SPECIAL = 3
+BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 32  # 64 works too: q/k/v width need not equal n_embd (key_length is written)
+    n_ff: int = 256
+    n_ctx_train: int = 4096
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    seed: int = 0
+    f16: bool = False  # matrices in f16 (norm weights stay f32, as llama.cpp requires)
+    qk_gain: float = 2.0  # >1 sharpens attention so eviction visibly changes the outputs
+
+    @property
+    def n_vocab(self) -> int:
+        return N_SPECIAL + 256
+
+
+@dataclass(frozen=True)
+class RazorMeta:
+    """The `razor.*` keys of SPEC section 2, as `razor-gguf embed-heads` would write them."""
+
+    head_map: npt.NDArray[np.int32]  # [n_layer, n_head_kv], 1 = retrieval
+    n_sink: int = 4
+    window: int = 64
+    echo_scores: npt.NDArray[np.float32] | None = None  # default: random in [0, 1)
+    induction_scores: npt.NDArray[np.float32] | None = None
+
+
+def make_weights(cfg: TinyConfig) -> dict[str, npt.NDArray[np.float32]]:
+    """Random weights by GGUF tensor name, numpy shape [out, in] (ggml ne reversed)."""
+    rng = np.random.default_rng(cfg.seed)
+
+    def lin(n_out: int, n_in: int, gain: float = 1.0) -> npt.NDArray[np.float32]:
+        return (rng.standard_normal((n_out, n_in)) * gain / np.sqrt(n_in)).astype(np.float32)
+
+    def norm(n: int) -> npt.NDArray[np.float32]:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    w: dict[str, npt.NDArray[np.float32]] = {
+        "token_embd.weight": rng.standard_normal((cfg.n_vocab, cfg.n_embd)).astype(np.float32),
+    }
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        w[p + "attn_norm.weight"] = norm(cfg.n_embd)
+        w[p + "attn_q.weight"] = lin(qd, cfg.n_embd, cfg.qk_gain)
+        w[p + "attn_k.weight"] = lin(kvd, cfg.n_embd, cfg.qk_gain)
+        w[p + "attn_v.weight"] = lin(kvd, cfg.n_embd)
+        w[p + "attn_output.weight"] = lin(cfg.n_embd, qd)
+        w[p + "ffn_norm.weight"] = norm(cfg.n_embd)
+        w[p + "ffn_gate.weight"] = lin(cfg.n_ff, cfg.n_embd)
+        w[p + "ffn_up.weight"] = lin(cfg.n_ff, cfg.n_embd)
+        w[p + "ffn_down.weight"] = lin(cfg.n_embd, cfg.n_ff)
+    w["output_norm.weight"] = norm(cfg.n_embd)
+    w["output.weight"] = lin(cfg.n_vocab, cfg.n_embd)
+    if cfg.f16:
+        # Round matrices through f16 here so the numpy forward sees exactly the stored values.
+        w = {n: a if a.ndim == 1 else a.astype(np.float16).astype(np.float32) for n, a in w.items()}
+    return w
+
+
+def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
+    from gguf import GGUFValueType
+
+    hm = np.asarray(meta.head_map, dtype=np.int32)
+    if hm.shape != (cfg.n_layer, cfg.n_head_kv) or not np.isin(hm, (0, 1)).all():
+        raise ValueError(f"head_map must be 0/1 of shape ({cfg.n_layer}, {cfg.n_head_kv})")
+    rng = np.random.default_rng(cfg.seed + 1)
+    echo = meta.echo_scores if meta.echo_scores is not None else rng.random(hm.size)
+    ind = meta.induction_scores if meta.induction_scores is not None else rng.random(hm.size)
+    writer.add_uint32("razor.version", 1)
+    writer.add_array("razor.head_map", [int(x) for x in hm.reshape(-1)])
+    # Explicit float32 arrays (add_array would infer from Python floats, which is also f32).
+    writer.add_key_value("razor.echo_scores", [float(x) for x in np.ravel(echo)], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    writer.add_key_value("razor.induction_scores", [float(x) for x in np.ravel(ind)], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    writer.add_uint32("razor.retrieval_count", int(hm.sum()))
+    writer.add_float32("razor.retrieval_ratio", float(hm.mean()))
+    writer.add_uint32("razor.n_sink", int(meta.n_sink))
+    writer.add_uint32("razor.window", int(meta.window))
+    writer.add_string("razor.source", "razor_gguf.testing.tiny_model (synthetic)")
+
+
+def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(), razor: RazorMeta | None = None) -> Path:
+    """Write the tiny model to `path` (atomically) and return the path."""
+    from gguf import GGUFWriter, LlamaFileType, TokenType
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(str(tmp), "llama")
+    w.add_name(f"razor-tiny-{cfg.n_layer}L-{cfg.n_embd}-hd{cfg.head_dim}")
+    w.add_context_length(cfg.n_ctx_train)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.n_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head_kv)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.n_vocab)
+    w.add_file_type(LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32)
+
+    w.add_tokenizer_model("llama")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types(types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    if razor is not None:
+        _add_razor_keys(w, cfg, razor)
+
+    for name, arr in make_weights(cfg).items():
+        w.add_tensor(name, arr.astype(np.float16) if cfg.f16 and arr.ndim > 1 else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def config_from_gguf(path: str | os.PathLike[str]) -> TinyConfig:
+    """Recover the TinyConfig a file was written with (shapes and hyperparameters)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+
+    def val(key: str):
+        return r.fields[key].contents()
+
+    return dataclasses.replace(
+        TinyConfig(),
+        n_layer=int(val("llama.block_count")),
+        n_embd=int(val("llama.embedding_length")),
+        n_head=int(val("llama.attention.head_count")),
+        n_head_kv=int(val("llama.attention.head_count_kv")),
+        head_dim=int(val("llama.attention.key_length")),
+        n_ff=int(val("llama.feed_forward_length")),
+        n_ctx_train=int(val("llama.context_length")),
+        rope_base=float(val("llama.rope.freq_base")),
+        rms_eps=float(val("llama.attention.layer_norm_rms_epsilon")),
+    )
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.float32]]:
+    """Tensors of a (f32/f16) GGUF as float32 arrays, numpy shape [out, in]."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        a = np.asarray(t.data)
+        if a.dtype not in (np.float32, np.float16):
+            raise ValueError(f"{t.name}: only f32/f16 tensors are supported, got {t.tensor_type.name}")
+        out[t.name] = a.astype(np.float32).reshape([int(x) for x in reversed(t.shape)])
+    return out
+
+
+def read_head_map(path: str | os.PathLike[str], cfg: TinyConfig | None = None) -> npt.NDArray[np.int32] | None:
+    """`razor.head_map` as [n_layer, n_head_kv], or None when the file has none."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    f = r.fields.get("razor.head_map")
+    if f is None:
+        return None
+    cfg = cfg or config_from_gguf(path)
+    return np.asarray(f.contents(), dtype=np.int32).reshape(cfg.n_layer, cfg.n_head_kv)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Write a tiny synthetic llama GGUF (random weights, fixed seed) for exact numeric tests.
+
+    .venv/bin/python tools/make_tiny_model.py OUT.gguf [--head-dim 64] [--f16] [--seed N]
+        [--head-map 1,0,0,1,...] [--n-sink 4] [--window 64]
+
+--head-map (n_layer*n_head_kv comma-separated 0/1, layer-major) adds the razor.* keys.
+The same file can be rebuilt in Python with razor_gguf.testing.tiny_model.write_tiny_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from razor_gguf.testing.tiny_model import RazorMeta, TinyConfig, write_tiny_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--n-layer", type=int, default=TinyConfig.n_layer)
+    ap.add_argument("--n-head", type=int, default=TinyConfig.n_head)
+    ap.add_argument("--n-head-kv", type=int, default=TinyConfig.n_head_kv)
+    ap.add_argument("--head-dim", type=int, default=TinyConfig.head_dim)
+    ap.add_argument("--f16", action="store_true", help="f16 matrices (default f32)")
+    ap.add_argument("--seed", type=int, default=TinyConfig.seed)
+    ap.add_argument("--head-map", help="comma-separated 0/1 per (layer, kv head); writes razor.* keys")
+    ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--window", type=int, default=64)
+    a = ap.parse_args(argv)
+    cfg = TinyConfig(n_layer=a.n_layer, n_head=a.n_head, n_head_kv=a.n_head_kv, head_dim=a.head_dim, f16=a.f16, seed=a.seed)
+    razor = None
+    if a.head_map is not None:
+        try:
+            hm = np.array([int(x) for x in a.head_map.split(",")], dtype=np.int32).reshape(cfg.n_layer, cfg.n_head_kv)
+        except ValueError:
+            print(f"error: --head-map needs {cfg.n_layer * cfg.n_head_kv} comma-separated 0/1 values", file=sys.stderr)
+            return 2
+        razor = RazorMeta(head_map=hm, n_sink=a.n_sink, window=a.window)
+    try:
+        print(write_tiny_model(a.out, cfg, razor))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
