@@ -95,16 +95,27 @@ def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
     rng = np.random.default_rng(cfg.seed + 1)
     echo = meta.echo_scores if meta.echo_scores is not None else rng.random(hm.size)
     ind = meta.induction_scores if meta.induction_scores is not None else rng.random(hm.size)
+    # Same key set as razor_gguf.metadata.build_razor_kv (what embed-heads writes), with
+    # synthetic provenance, so the patched loader sees a realistic file.
     writer.add_uint32("razor.version", 1)
-    writer.add_array("razor.head_map", [int(x) for x in hm.reshape(-1)])
-    # Explicit float32 arrays (add_array would infer from Python floats, which is also f32).
+    writer.add_bool("razor.enabled", True)
+    writer.add_uint32("razor.n_layer", cfg.n_layer)
+    writer.add_uint32("razor.n_head_kv", cfg.n_head_kv)
+    writer.add_array("razor.head_map", [int(x) for x in hm.reshape(-1)])  # layer-major, INT32
     writer.add_key_value("razor.echo_scores", [float(x) for x in np.ravel(echo)], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
     writer.add_key_value("razor.induction_scores", [float(x) for x in np.ravel(ind)], GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
     writer.add_uint32("razor.retrieval_count", int(hm.sum()))
     writer.add_float32("razor.retrieval_ratio", float(hm.mean()))
     writer.add_uint32("razor.n_sink", int(meta.n_sink))
     writer.add_uint32("razor.window", int(meta.window))
-    writer.add_string("razor.source", "razor_gguf.testing.tiny_model (synthetic)")
+    writer.add_uint32("razor.probe.length", 0)
+    writer.add_uint32("razor.probe.repetitions", 0)
+    writer.add_uint64("razor.probe.seed", cfg.seed)
+    writer.add_float32("razor.selection.induction_ratio", 0.0)
+    writer.add_float32("razor.selection.echo_ratio", 0.0)
+    writer.add_string("razor.source.file", "synthetic (razor_gguf.testing.tiny_model)")
+    writer.add_string("razor.source.sha256", "")
+    writer.add_string("razor.tool_version", "razor-gguf tiny_model")
 
 
 def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(), razor: RazorMeta | None = None) -> Path:
