@@ -12,11 +12,13 @@ Slack: an implementation that evicts once per ubatch instead of once per token l
 the W tokens that were cached before its ubatch plus the earlier tokens of its own ubatch, i.e.
 up to n_ubatch - 1 extra recent tokens. `slack` gives that extra count per query (an int for all
 queries, or an array [T]); the evicted set shrinks by the same tokens, so nothing is counted twice.
-`ubatch_slack()` computes it for ubatches that start every n_ubatch tokens. slack=0 is the exact
+`ubatch_slack()` computes it for a sequence fed in given ubatch sizes. slack=0 is the exact
 per-token policy of the SPEC.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -26,14 +28,17 @@ Array = npt.NDArray[np.floating]
 _ROW_CHUNK = 256  # query rows per block: bounds memory at O(chunk * T) instead of O(T^2)
 
 
-def ubatch_slack(positions: npt.ArrayLike, n_ubatch: int) -> npt.NDArray[np.int64]:
+def ubatch_slack(n_tokens: int, n_ubatch: int | Sequence[int]) -> npt.NDArray[np.int64]:
     """Extra visible tokens per query when eviction happens only at ubatch boundaries.
 
-    Assumes the sequence is fed in order from position positions[0], n_ubatch tokens at a time:
-    query i then sees the tokens of its ubatch that precede it (i mod n_ubatch of them) on top of W.
+    The sequence is fed in order, in ubatches of n_ubatch tokens (an int), or of the given sizes
+    (a list, e.g. a 40-token prompt split 16+16+8 and then single-token decode steps). A query then
+    sees, on top of W, the tokens of its own ubatch that precede it.
     """
-    pos = np.asarray(positions, dtype=np.int64)
-    return (np.arange(len(pos), dtype=np.int64) % n_ubatch).astype(np.int64)
+    sizes = [n_ubatch] * (-(-n_tokens // n_ubatch)) if isinstance(n_ubatch, int) else list(n_ubatch)
+    if any(s < 1 for s in sizes) or sum(sizes) < n_tokens:
+        raise ValueError("ubatch sizes must be >= 1 and cover n_tokens")
+    return np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])[:n_tokens]
 
 
 def _as_slack(slack: int | npt.ArrayLike, t: int) -> npt.NDArray[np.int64]:

@@ -138,8 +138,11 @@ def test_slack():
     b = razor_attention(q, k, v, [0, 0], 2, 8, reference=True)
     np.testing.assert_allclose(a, b, atol=0)
     # Per-query slack from ubatches of 16: matches the naive loop query by query.
-    sl = ubatch_slack(np.arange(40), 16)
-    assert list(sl[14:18]) == [14, 15, 0, 1]
+    sl = ubatch_slack(40, 16)
+    assert list(sl[14:18]) == [14, 15, 0, 1] and len(sl) == 40
+    assert list(ubatch_slack(6, [3, 1, 1, 1])) == [0, 1, 2, 0, 0, 0]
+    with pytest.raises(ValueError):
+        ubatch_slack(6, [3, 1])
     c = razor_attention(q, k, v, [0, 1], 2, 5, slack=sl, reference=True)
     for i in (0, 10, 15, 16, 31, 39):
         np.testing.assert_allclose(c[i], _naive(q, k, v, [0, 1], 2, 5, slack=int(sl[i]))[i], atol=1e-12)

@@ -120,3 +120,21 @@ def test_razor_policy_is_visible(models, tokens):
     local = forward(w, cfg, tokens, head_map=hm, n_sink=4, window=16, reference=True)
     np.testing.assert_allclose(local[:20], full[:20], atol=1e-12)  # nothing evicted before p=20
     assert np.abs(local - full).max() > 0.3
+
+
+def test_make_tiny_model_cli(tmp_path):
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_model.py"
+    out = tmp_path / "cli.gguf"
+    r = subprocess.run([sys.executable, str(tool), str(out), "--head-map", "1,0,0,1,0,0,1,1", "--window", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(read_head_map(out), [[1, 0], [0, 1], [0, 0], [1, 1]])
+    # Same weights as the Python helper with the same seed.
+    ref = read_weights(write_tiny_model(tmp_path / "py.gguf", TinyConfig()))
+    got = read_weights(out)
+    assert all(np.array_equal(got[n], ref[n]) for n in ref)
+    bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "bad.gguf"), "--head-map", "1,0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.gguf").exists()

@@ -114,7 +114,7 @@ def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
     writer.add_float32("razor.selection.induction_ratio", 0.0)
     writer.add_float32("razor.selection.echo_ratio", 0.0)
     writer.add_string("razor.source.file", "synthetic (razor_gguf.testing.tiny_model)")
-    writer.add_string("razor.source.sha256", "")
+    writer.add_string("razor.source.sha256", "none")  # add_string drops empty strings
     writer.add_string("razor.tool_version", "razor-gguf tiny_model")
 
 
