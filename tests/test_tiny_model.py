@@ -17,13 +17,11 @@ import numpy as np
 import pytest
 
 import razor_gguf  # noqa: F401  (before llama_cpp)
+from razor_gguf.testing.compare import F16_TOL, F32_TOL, llama_logits
 from razor_gguf.testing.tiny_forward import forward
 from razor_gguf.testing.tiny_model import RazorMeta, TinyConfig, read_head_map, read_weights, write_tiny_model
 
 T = 64
-F32_TOL = 1e-4
-F16_TOL = 4e-2
-GGML_TYPE_F32 = 0
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +38,6 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, TinyConfig]]:
     hm = np.array([[1, 0], [0, 0], [0, 1], [1, 1]], dtype=np.int32)
     out["razor"] = (write_tiny_model(d / "razor.gguf", TinyConfig(), RazorMeta(head_map=hm, n_sink=4, window=16)), TinyConfig())
     return out
-
-
-def _llama_logits(path: Path, tokens: list[int], flash_attn: bool, f32_kv: bool) -> np.ndarray:
-    from razor_gguf import Llama
-
-    kv = GGML_TYPE_F32 if f32_kv else None
-    llm = Llama(
-        model_path=str(path), n_ctx=128, logits_all=True, n_batch=16, n_ubatch=16,
-        flash_attn=flash_attn, type_k=kv, type_v=kv, n_threads=2, verbose=False,
-    )
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
 
 
 def test_numpy_f32_matches_f64(models, tokens):
@@ -80,7 +63,7 @@ def test_numpy_f32_matches_f64(models, tokens):
 def test_llama_cpp_matches_numpy(models, tokens, name, flash_attn, f32_kv, tol):
     path, cfg = models[name]
     ref = forward(read_weights(path), cfg, tokens, reference=True)
-    got = _llama_logits(path, tokens, flash_attn, f32_kv)
+    got = llama_logits(path, tokens, flash_attn, f32_kv)
     assert got.shape == ref.shape == (T, cfg.n_vocab)
     diff = np.abs(got - ref).max()
     assert diff < tol, f"max abs diff {diff:.3g} (logit std {ref.std():.3g})"
@@ -92,8 +75,8 @@ def test_llama_cpp_matches_numpy(models, tokens, name, flash_attn, f32_kv, tol):
 
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_razor_keys_ignored_by_stock_path(models, tokens, flash_attn):
-    plain = _llama_logits(models["hd32"][0], tokens, flash_attn, f32_kv=True)
-    razor = _llama_logits(models["razor"][0], tokens, flash_attn, f32_kv=True)
+    plain = llama_logits(models["hd32"][0], tokens, flash_attn, f32_kv=True)
+    razor = llama_logits(models["razor"][0], tokens, flash_attn, f32_kv=True)
     np.testing.assert_array_equal(plain, razor)
 
 
