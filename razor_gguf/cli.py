@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("name", choices=["smollm2", "gemma3"])
     path.set_defaults(func=_cmd_models)
 
+    from .embed import add_subcommands as _add_head_scoring
+
+    _add_head_scoring(sub)  # embed-heads, inspect
+
     demo = sub.add_parser("demo", help="fetch SmolLM2 and run a short greedy completion")
     demo.set_defaults(func=_cmd_demo)
     return ap

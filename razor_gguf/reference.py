@@ -134,7 +134,10 @@ class GGUFWeights:
         if rows is None:
             shape = tuple(int(x) for x in reversed(t.shape.tolist()))
             arr = arr.reshape(shape)
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:  # F32 tensors come straight from the read-only memory map
+            arr = arr.copy()
+        return torch.from_numpy(arr)
 
 
 def _rms_norm(x, w, eps):

@@ -1,0 +1,191 @@
+"""The razor.* GGUF keys (SPEC section 2): read them, and write a copy of a GGUF with them.
+
+Writing copies every existing key/value and every tensor byte for byte, adds the razor keys, writes
+into a temporary file in the output's directory and renames it into place (atomic: no partial output).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+RAZOR_VERSION = 1
+PREFIX = "razor."
+DEFAULT_N_SINK = 4
+DEFAULT_WINDOW = 512
+
+
+class MetadataError(Exception):
+    """A GGUF that cannot be read or written as asked."""
+
+
+def open_gguf(path: str):
+    """GGUFReader over path, with any failure turned into a one-line MetadataError."""
+    from gguf import GGUFReader
+
+    if not os.path.exists(path):
+        raise MetadataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise MetadataError(f"{path}: is a directory")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise MetadataError(f"{path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise MetadataError(f"{path}: not a GGUF file")
+    try:
+        reader = GGUFReader(path, "r")
+        # Touch the tensor data so a truncated file fails here, not mid-write.
+        size = os.path.getsize(path)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError("tensor data past the end of the file")
+    except Exception as e:  # gguf-py raises assorted errors on damaged files
+        raise MetadataError(f"{path}: truncated or damaged GGUF ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return reader
+
+
+def razor_keys(reader) -> list[str]:
+    return [k for k in reader.fields if k.startswith(PREFIX)]
+
+
+def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 22)
+            if not b:
+                break
+            h.update(b)
+            if progress:
+                progress(len(b))
+    return h.hexdigest()
+
+
+def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str) -> dict:
+    """The razor.* keys as {key: (GGUFValueType, value, sub_type)}."""
+    from gguf import GGUFValueType as V
+
+    p = scores.provenance
+    hm = scores.head_map.astype(np.int32).ravel().tolist()  # layer-major: index = layer*n_head_kv + head
+    return {
+        "razor.version": (V.UINT32, RAZOR_VERSION, None),
+        "razor.enabled": (V.BOOL, True, None),
+        "razor.n_layer": (V.UINT32, int(scores.n_layer), None),
+        "razor.n_head_kv": (V.UINT32, int(scores.n_head_kv), None),
+        "razor.head_map": (V.ARRAY, hm, V.INT32),
+        "razor.echo_scores": (V.ARRAY, [float(x) for x in scores.echo.ravel()], V.FLOAT32),
+        "razor.induction_scores": (V.ARRAY, [float(x) for x in scores.induction.ravel()], V.FLOAT32),
+        "razor.retrieval_count": (V.UINT32, int(scores.retrieval_count), None),
+        "razor.retrieval_ratio": (V.FLOAT32, float(scores.retrieval_ratio), None),
+        "razor.n_sink": (V.UINT32, int(n_sink), None),
+        "razor.window": (V.UINT32, int(window), None),
+        "razor.probe.length": (V.UINT32, int(p["probe_len"]), None),
+        "razor.probe.repetitions": (V.UINT32, int(p["repetitions"]), None),
+        "razor.probe.seed": (V.UINT64, int(p["seed"]), None),
+        "razor.probe.token_low": (V.UINT32, int(p["token_low"]), None),
+        "razor.probe.token_high": (V.UINT32, int(p["token_high"]), None),
+        "razor.selection.induction_ratio": (V.FLOAT32, float(p["induction_ratio"]), None),
+        "razor.selection.echo_ratio": (V.FLOAT32, float(p["echo_ratio"]), None),
+        "razor.source.file": (V.STRING, source_name, None),
+        "razor.source.sha256": (V.STRING, source_sha256, None),
+        "razor.tool_version": (V.STRING, f"razor-gguf {tool_version}", None),
+    }
+
+
+def write_with_razor(
+    reader,
+    out_path: str,
+    razor_kv: dict,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Copy `reader`'s GGUF to out_path with existing razor.* keys replaced by razor_kv. Atomic."""
+    import gguf
+
+    arch = reader.get_field("general.architecture").contents()
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    fd, tmp = tempfile.mkstemp(prefix=".razor-", suffix=".gguf.tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+        align = reader.get_field("general.alignment")
+        if align is not None:
+            writer.data_alignment = int(align.contents())
+        for f in reader.fields.values():
+            if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name.startswith(PREFIX):
+                continue
+            vt = f.types[0]
+            sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+        for k, (vt, val, sub) in razor_kv.items():
+            writer.add_key_value(k, val, vt, sub_type=sub)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+            if progress:
+                progress(int(t.n_bytes))
+        writer.close()
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def read_razor(reader) -> dict | None:
+    """The razor.* keys of a GGUF as a JSON-ready dict (SPEC section 5 `inspect` fields), or None."""
+    keys = razor_keys(reader)
+    if not keys:
+        return None
+
+    def get(k, default=None):
+        f = reader.get_field(k)
+        if f is None:
+            return default
+        v = f.contents()
+        return float(f"{v:.7g}") if isinstance(v, float) else v  # float32 without the binary noise
+
+    arch = get("general.architecture")
+    n_head_kv = get("razor.n_head_kv") or get(f"{arch}.attention.head_count_kv")
+    if isinstance(n_head_kv, list):
+        n_head_kv = n_head_kv[0]
+    hm = get("razor.head_map", [])
+    n_head_kv = int(n_head_kv)
+    n_layer = int(get("razor.n_layer") or (len(hm) // n_head_kv if n_head_kv else 0))
+
+    def grid(v):
+        return [list(v[l * n_head_kv : (l + 1) * n_head_kv]) for l in range(n_layer)] if v else []
+
+    prov = {k[len(PREFIX):]: get(k) for k in keys if k.startswith(("razor.probe.", "razor.selection.", "razor.source.")) or k == "razor.tool_version"}
+    return {
+        "n_layer": n_layer,
+        "n_head_kv": n_head_kv,
+        "head_map": grid([int(x) for x in hm]),
+        "echo_scores": grid([float(x) for x in get("razor.echo_scores", [])]),
+        "induction_scores": grid([float(x) for x in get("razor.induction_scores", [])]),
+        "retrieval_count": get("razor.retrieval_count", int(sum(hm))),
+        "retrieval_ratio": get("razor.retrieval_ratio", (sum(hm) / len(hm)) if hm else 0.0),
+        "n_sink": get("razor.n_sink"),
+        "window": get("razor.window"),
+        "enabled": get("razor.enabled"),
+        "version": get("razor.version"),
+        "provenance": prov,
+    }
