@@ -1,0 +1,229 @@
+"""`razor-gguf embed-heads` and `razor-gguf inspect` end to end on SmolLM2 (SPEC sections 2 and 5)."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import razor_gguf  # noqa: E402,F401  (before llama_cpp)
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "razor_gguf", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("razor-gguf: error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+@pytest.fixture(scope="session")
+def scored(smollm2_path, tmp_path_factory):
+    """SmolLM2 scored once with the default settings; reused by every test here."""
+    out = tmp_path_factory.mktemp("embed") / "smollm2-razor.gguf"
+    t0 = time.perf_counter()
+    r = _cli("embed-heads", smollm2_path, "-o", out, "--json")
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    print(f"\nembed-heads SmolLM2: {wall:.1f} s wall, peak RSS {peak / 2**30:.2f} GiB; "
+          f"{info['retrieval_count']} retrieval heads (ratio {info['retrieval_ratio']:.3f}) in layers "
+          f"{[l for l, row in enumerate(info['head_map']) if any(row)]}")
+    return out, info, wall, peak
+
+
+def test_budget(scored):
+    _, _, wall, peak = scored
+    assert peak < 4 * 2**30
+    assert wall < 180
+
+
+def test_json_and_head_map(scored):
+    out, info, _, _ = scored
+    assert (info["n_layer"], info["n_head_kv"]) == (30, 3)
+    for k in ("head_map", "echo_scores", "induction_scores"):
+        assert np.array(info[k]).shape == (30, 3)
+    hm = np.array(info["head_map"])
+    assert set(np.unique(hm)) <= {0, 1}
+    # ceil(14% of 90) = 13 by induction, plus at most ceil(1% of 90) = 1 by echo
+    assert 13 <= info["retrieval_count"] <= 14
+    assert info["retrieval_count"] == hm.sum()
+    assert info["retrieval_ratio"] == pytest.approx(hm.sum() / 90, abs=1e-6)
+    ind = np.array(info["induction_scores"])
+    # the top induction heads are selected, and they are real induction heads
+    assert hm.ravel()[np.argsort(-ind.ravel())[:13]].all()
+    assert ind.max() > 0.5
+    # SmolLM2's retrieval heads live in the middle-to-late layers, none in the first ten
+    assert hm[:10].sum() == 0
+    p = info["provenance"]
+    assert p["probe.length"] == 1000 and p["probe.repetitions"] == 4 and p["probe.seed"] == 0
+    assert p["source.sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert info["n_sink"] == 4 and info["window"] == 512
+    assert info["output"] == str(out) and info["dry_run"] is False
+
+
+def test_inspect_reads_back(scored):
+    out, info, _, _ = scored
+    r = _cli("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["head_map"] == info["head_map"]
+    np.testing.assert_allclose(got["induction_scores"], info["induction_scores"], rtol=1e-6)
+    np.testing.assert_allclose(got["echo_scores"], info["echo_scores"], rtol=1e-6)
+    for k in ("n_layer", "n_head_kv", "retrieval_count", "retrieval_ratio", "n_sink", "window", "provenance"):
+        assert k in got
+    r = _cli("inspect", out)
+    assert r.returncode == 0 and "retrieval heads" in r.stdout and len(r.stdout.splitlines()) > 30
+
+
+def test_tensors_and_metadata_copied_unchanged(scored, smollm2_path):
+    import gguf
+
+    out, _, _, _ = scored
+    a, b = gguf.GGUFReader(smollm2_path), gguf.GGUFReader(str(out))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.tensor_type == tb.tensor_type and list(ta.shape) == list(tb.shape)
+        assert np.array_equal(np.asarray(ta.data).view(np.uint8), np.asarray(tb.data).view(np.uint8)), ta.name
+    ka = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")}
+    kb = {k: f.contents() for k, f in b.fields.items() if not k.startswith(("GGUF.", "razor."))}
+    assert ka == kb
+    assert b.get_field("razor.head_map").types[-1] == gguf.GGUFValueType.INT32
+    assert len(b.get_field("razor.head_map").contents()) == 90
+
+
+def test_stock_load_identical_logits(scored, smollm2_path):
+    from razor_gguf import Llama
+
+    out, _, _, _ = scored
+    logits = []
+    for p in (smollm2_path, str(out)):
+        llm = Llama(model_path=p, n_ctx=128, logits_all=True, verbose=False)
+        toks = llm.tokenize(b"The capital of France is Paris, and the capital of Italy is", add_bos=True)
+        llm.eval(toks)
+        logits.append(np.array(llm.scores[: len(toks)]))
+        del llm
+    assert np.array_equal(logits[0], logits[1])
+
+
+def test_refuses_overwrite_and_existing_keys(scored, smollm2_path, tmp_path):
+    out, _, _, _ = scored
+    before = os.stat(out).st_mtime_ns
+    _assert_user_error(_cli("embed-heads", smollm2_path, "-o", out), "already exists", "--force")
+    assert os.stat(out).st_mtime_ns == before
+    _assert_user_error(_cli("embed-heads", out, "-o", tmp_path / "x.gguf"), "already has razor", "--force")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_force_replaces_keys_dry_run_writes_nothing(scored, tmp_path):
+    out, _, _, _ = scored
+    r = _cli("embed-heads", out, "-o", tmp_path / "y.gguf", "--force", "--dry-run", "--json", "--probe-len", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert info["dry_run"] is True and info["output"] is None
+    assert info["provenance"]["probe.length"] == 8
+    assert os.listdir(tmp_path) == []
+
+
+def test_force_rewrite_in_place_replaces_keys(scored, tmp_path):
+    import shutil
+
+    import gguf
+
+    src, _, _, _ = scored
+    p = tmp_path / "m.gguf"
+    shutil.copy(src, p)
+    r = _cli("embed-heads", p, "-o", p, "--force", "--json", "--probe-len", "8", "--seed", "7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rd = gguf.GGUFReader(str(p))
+    assert rd.get_field("razor.probe.seed").contents() == 7
+    assert sum(1 for k in rd.fields if k == "razor.head_map") == 1
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]  # no temp files left behind
+
+
+@pytest.mark.parametrize("case", ["text", "truncated", "missing", "gpt2", "out_dir_missing", "out_is_dir", "bad_ratio"])
+def test_bad_input(case, smollm2_path, tmp_path):
+    import gguf
+
+    out = tmp_path / "out.gguf"
+    src = smollm2_path
+    extra = []
+    needle = ""
+    if case == "text":
+        src = tmp_path / "notes.gguf"
+        src.write_text("hello, not a model\n")
+        needle = "not a GGUF"
+    elif case == "truncated":
+        src = tmp_path / "trunc.gguf"
+        with open(smollm2_path, "rb") as f:
+            src.write_bytes(f.read(3 * 2**20))
+        needle = "truncated"
+    elif case == "missing":
+        src = tmp_path / "nope.gguf"
+        needle = "no such file"
+    elif case == "gpt2":
+        src = tmp_path / "gpt2.gguf"
+        w = gguf.GGUFWriter(str(src), arch="gpt2")
+        w.add_tensor("x", np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        needle = "unsupported architecture"
+    elif case == "out_dir_missing":
+        out = tmp_path / "no" / "such" / "dir" / "out.gguf"
+        needle = "does not exist"
+    elif case == "out_is_dir":
+        out = tmp_path
+        needle = "is a directory"
+    elif case == "bad_ratio":
+        extra = ["--induction-ratio", "1.5"]
+        needle = "--induction-ratio"
+    r = _cli("embed-heads", src, "-o", out, *extra)
+    _assert_user_error(r, needle)
+    if case != "out_is_dir":
+        assert not out.exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".razor-")] == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_unwritable_output_dir(smollm2_path, tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        _assert_user_error(_cli("embed-heads", smollm2_path, "-o", d / "o.gguf"), "cannot write")
+    finally:
+        d.chmod(0o755)
+
+
+def test_inspect_errors(smollm2_path, tmp_path):
+    _assert_user_error(_cli("inspect", smollm2_path), "no razor.* keys")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00")
+    _assert_user_error(_cli("inspect", bad), "truncated")
+
+
+def test_inspect_plot(scored, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _, _, _ = scored
+    png = tmp_path / "heads.png"
+    r = _cli("inspect", out, "--plot", png)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
