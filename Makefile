@@ -33,6 +33,8 @@ $(VENV)/.deps: pyproject.toml native/prepare_source.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "scikit-build-core>=0.10" cmake ninja "cffi>=1.15" "numpy>=1.24" "gguf>=0.17" "pytest>=7"
 	$(PIP) install "torch==2.13.0"
+	# matplotlib: `razor-gguf inspect --plot` (the layer x head heatmap) and its test.
+	$(PIP) install "matplotlib>=3.5"
 	$(VPY) -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36")' 2>/dev/null || \
 	  CMAKE_ARGS="$(BINDING_ARGS)" $(PIP) install "$$($(VPY) native/prepare_source.py --sdist)"
 	touch $@
