@@ -56,6 +56,7 @@ class HParams:
     n_swa: int = 0
     swa_layers: list[bool] = field(default_factory=list)
     bos_token_id: int | None = None
+    logit_softcap: float = 0.0
 
     @property
     def neox(self) -> bool:
@@ -97,11 +98,20 @@ def read_hparams(reader) -> HParams:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
     )
     hp.swa_layers = [False] * n_layer
+    hp.logit_softcap = float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0)
     if arch == "gemma3":
-        # llama.cpp: every 6th layer is global, the others use a sliding window and rope base 10000.
+        # llama.cpp (models/gemma3.cpp): a sliding window on all layers but every 6th (or an explicit
+        # per-layer pattern), rope base 10000 there unless rope.freq_base_swa says otherwise.
         hp.n_swa = int(_field(reader, f"{arch}.attention.sliding_window", 0) or 0)
         if hp.n_swa:
-            hp.swa_layers = [(il + 1) % 6 != 0 for il in range(n_layer)]
+            f = reader.get_field(f"{arch}.attention.sliding_window_pattern")
+            pat = f.contents() if f is not None else 6
+            if isinstance(pat, list):
+                hp.swa_layers = [bool(x) for x in pat][:n_layer]
+            else:
+                n = int(pat)
+                hp.swa_layers = [n == 0 or (il % n < n - 1) for il in range(n_layer)]
+            hp.rope_base_swa = float(_field(reader, f"{arch}.rope.freq_base_swa", 10000.0))
     return hp
 
 
@@ -284,4 +294,7 @@ class ReferenceModel:
             for r in range(0, n_rows, 8192):  # stream the output matrix in row blocks
                 W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192)))
                 logits.append(last @ W.T)
-            return torch.cat(logits, dim=-1)[0]
+            out = torch.cat(logits, dim=-1)[0]
+            if hp.logit_softcap:
+                out = torch.tanh(out / hp.logit_softcap) * hp.logit_softcap
+            return out

@@ -94,3 +94,27 @@ def test_unsupported_arch_rejected(tmp_path):
     w.close()
     with pytest.raises(ReferenceError, match="unsupported architecture 'gpt2'"):
         read_hparams(gguf.GGUFReader(str(p)))
+
+
+def test_gemma3_logits_match_llamacpp_with_sliding_window():
+    """Gemma 3 270M: NEOX rope, q/k norms, post-norms, GELU, and 512-token sliding-window layers
+    (the 700-token prompt exercises the window: without it the difference is ~7 and top-1 flips)."""
+    from razor_gguf import Llama
+    from razor_gguf.models import model_path
+
+    path = str(model_path("gemma3"))
+    llm = Llama(model_path=path, n_ctx=1024, logits_all=True, verbose=False)
+    toks = llm.tokenize(PROMPT.encode(), add_bos=True)
+    toks = (toks + list(range(1000, 1700)))[:700]
+    llm.eval(toks)
+    cpp = np.array(llm.scores[len(toks) - 1], dtype=np.float64)
+    del llm
+    m = ReferenceModel(path)
+    assert m.hp.arch == "gemma3" and m.hp.n_swa == 512
+    assert [il for il, s in enumerate(m.hp.swa_layers) if not s] == [5, 11, 17]
+    ref = m.forward(toks, want_logits=True, chunk=128).double().numpy()
+    diff = np.abs(ref - cpp).max()
+    kl = float((np.exp(_log_softmax(ref)) * (_log_softmax(ref) - _log_softmax(cpp))).sum())
+    print(f"\ngemma3 reference vs llama.cpp (700 tokens): max abs diff {diff:.4f}, KL {kl:.5f}")
+    assert ref.argmax() == cpp.argmax()
+    assert diff < 1.5 and kl < 0.03
