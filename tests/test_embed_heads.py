@@ -69,10 +69,11 @@ def test_json_and_head_map(scored):
     # the top induction heads are selected, and they are real induction heads
     assert hm.ravel()[np.argsort(-ind.ravel())[:13]].all()
     assert ind.max() > 0.5
-    # SmolLM2's retrieval heads live in the middle-to-late layers, none in the first ten
-    assert hm[:10].sum() == 0
+    # SmolLM2's induction heads live in layers 17-24 (measured: 17, 18, 20-24, plus one echo head)
+    assert set(np.nonzero(hm)[0]) >= {17, 18, 20, 23}
+    assert hm[25:].sum() == 0
     p = info["provenance"]
-    assert p["probe.length"] == 1000 and p["probe.repetitions"] == 4 and p["probe.seed"] == 0
+    assert p["probe.length"] == 2047 and p["probe.repetitions"] == 4 and p["probe.seed"] == 0
     assert p["source.sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert info["n_sink"] == 4 and info["window"] == 512
     assert info["output"] == str(out) and info["dry_run"] is False
