@@ -295,6 +295,8 @@ class ReferenceModel:
                 W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192)))
                 logits.append(last @ W.T)
             out = torch.cat(logits, dim=-1)[0]
+            if self.w.has("output.bias"):
+                out = out + self.w.get("output.bias")
             if hp.logit_softcap:
                 out = torch.tanh(out / hp.logit_softcap) * hp.logit_softcap
             return out

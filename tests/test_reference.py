@@ -118,3 +118,86 @@ def test_gemma3_logits_match_llamacpp_with_sliding_window():
     print(f"\ngemma3 reference vs llama.cpp (700 tokens): max abs diff {diff:.4f}, KL {kl:.5f}")
     assert ref.argmax() == cpp.argmax()
     assert diff < 1.5 and kl < 0.03
+
+
+def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, tied=False):
+    """A tiny random-weight F32 GGUF of `arch`, loadable by llama.cpp (byte-fallback vocab)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    hd = n_embd // n_head
+    n_vocab = 3 + 256
+
+    def lin(o, i, g=1.0):
+        return (rng.standard_normal((o, i)) * g / np.sqrt(i)).astype(np.float32)
+
+    def vec(n, base=1.0, s=0.1):
+        return (base + s * rng.standard_normal(n)).astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * len(toks))
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    t = {"token_embd.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = vec(n_embd)
+        t[p + "attn_q.weight"] = lin(n_head * hd, n_embd, 2.0)
+        t[p + "attn_k.weight"] = lin(n_head_kv * hd, n_embd, 2.0)
+        t[p + "attn_v.weight"] = lin(n_head_kv * hd, n_embd)
+        if arch == "qwen2":
+            t[p + "attn_q.bias"] = vec(n_head * hd, 0.0, 0.5)
+            t[p + "attn_k.bias"] = vec(n_head_kv * hd, 0.0, 0.5)
+            t[p + "attn_v.bias"] = vec(n_head_kv * hd, 0.0, 0.5)
+        if arch == "qwen3":
+            t[p + "attn_q_norm.weight"] = vec(hd, 1.0, 0.3)
+            t[p + "attn_k_norm.weight"] = vec(hd, 1.0, 0.3)
+        t[p + "attn_output.weight"] = lin(n_embd, n_head * hd)
+        t[p + "ffn_norm.weight"] = vec(n_embd)
+        t[p + "ffn_gate.weight"] = lin(n_ff, n_embd)
+        t[p + "ffn_up.weight"] = lin(n_ff, n_embd)
+        t[p + "ffn_down.weight"] = lin(n_embd, n_ff)
+    t["output_norm.weight"] = vec(n_embd)
+    if not tied:
+        t["output.weight"] = lin(n_vocab, n_embd)
+    for name, a in t.items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("qwen3", True), ("llama", True)])
+def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied):
+    """F32 weights: no quantization noise, so the reference must agree with llama.cpp to float precision
+    (qwen2: q/k/v biases and NEOX rope; qwen3: per-head q/k RMSNorm; tied output; GQA 4/2)."""
+    from razor_gguf import Llama
+
+    path = _write_tiny(tmp_path / f"{arch}.gguf", arch, tied=tied)
+    toks = [1] + list(np.random.default_rng(5).integers(3, 259, size=40))
+    # F32 KV cache (type 0), so the only differences left are float32 summation order
+    llm = Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval([int(x) for x in toks])
+    cpp = np.array(llm.scores[len(toks) - 1], dtype=np.float64)
+    del llm
+    ref = ReferenceModel(path).forward(toks, want_logits=True, chunk=16).double().numpy()
+    diff = np.abs(ref - cpp).max()
+    print(f"\ntiny {arch}: max abs diff {diff:.2e} (logit range {np.ptp(cpp):.1f})")
+    assert diff < 1e-4 * max(1.0, np.abs(cpp).max())  # measured 2e-6 to 2e-5
