@@ -173,7 +173,7 @@ def score_model(
     seed: int = DEFAULT_SEED,
     induction_ratio: float = DEFAULT_INDUCTION_RATIO,
     echo_ratio: float = DEFAULT_ECHO_RATIO,
-    chunk: int = 256,
+    chunk: int | None = None,
     progress=None,
     model=None,
 ) -> HeadScores:
@@ -186,6 +186,8 @@ def score_model(
     lead = hp.bos_token_id if hp.bos_token_id is not None else 0
     toks = probe_tokens(lead, B, reps, seed, hp.n_vocab)
     acc = ScoreAccumulator(hp.n_layer, hp.n_head, B, reps)
+    if chunk is None:  # ~128 MiB of float32 probabilities per chunk of query rows, 16..256 rows
+        chunk = int(max(16, min(256, (128 << 20) // (4 * hp.n_head * len(toks)))))
     t0 = time.perf_counter()
     m.forward(toks, hook=acc.add, chunk=chunk, progress=progress)
     echo_q, ind_q = acc.scores()
