@@ -211,10 +211,11 @@ class ReferenceModel:
         tokens,
         hook: AttentionHook | None = None,
         chunk: int = 256,
-        want_logits: bool = False,
+        want_logits: bool | str = False,
         progress: Callable[[int], None] | None = None,
     ):
-        """Run the model on `tokens`; returns the last token's logits (if want_logits) else None."""
+        """Run the model on `tokens`. Returns None, or with want_logits=True the last token's logits
+        [n_vocab], or with want_logits="all" every position's logits [T, n_vocab]."""
         import torch
 
         hp = self.hp
@@ -286,7 +287,7 @@ class ReferenceModel:
                     progress(il)
             if not want_logits:
                 return None
-            last = _rms_norm(x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
+            last = _rms_norm(x if want_logits == "all" else x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
             name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
             t = self.w._by_name[name]
             n_rows = t.data.shape[0]
@@ -294,7 +295,8 @@ class ReferenceModel:
             for r in range(0, n_rows, 8192):  # stream the output matrix in row blocks
                 W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192)))
                 logits.append(last @ W.T)
-            out = torch.cat(logits, dim=-1)[0]
+            out = torch.cat(logits, dim=-1)
+            out = out if want_logits == "all" else out[0]
             if self.w.has("output.bias"):
                 out = out + self.w.get("output.bias")
             if hp.logit_softcap:
