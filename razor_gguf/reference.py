@@ -175,7 +175,9 @@ def _rope(x, pos, dim, base, scale, neox, freq_factors=None):
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
-# hook(layer, row_start, probs) with probs [n_head, rows, n_keys] (n_keys = row_start + rows: causal)
+# hook(layer, row_start, probs, key_start): probs [n_head, rows, n_keys] are the post-softmax rows
+# row_start.. over the keys key_start..row_start+rows-1 (key_start > 0 only in sliding-window layers,
+# where every earlier key has probability 0).
 AttentionHook = Callable[[int, int, "object"], None]
 
 
@@ -256,17 +258,19 @@ class ReferenceModel:
                 out = torch.empty(hp.n_head_kv, g, T, hd)
                 for s in range(0, T, chunk):
                     e = min(T, s + chunk)
-                    sc = torch.matmul(qg[:, :, s:e], k[:, None, :e].transpose(-1, -2)) * kq_scale
+                    # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
+                    k0 = max(0, s - hp.n_swa + 1) if swa else 0
+                    sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
                     qi = torch.arange(s, e)[:, None]
-                    kj = torch.arange(e)[None, :]
+                    kj = torch.arange(k0, e)[None, :]
                     mask = kj > qi
                     if swa:
                         mask = mask | (qi - kj >= hp.n_swa)
                     sc.masked_fill_(mask, float("-inf"))
                     pr = torch.softmax(sc, dim=-1)
                     if hook is not None:
-                        hook(il, s, pr.reshape(hp.n_head, e - s, e))
-                    out[:, :, s:e] = torch.matmul(pr, v[:, None, :e])
+                        hook(il, s, pr.reshape(hp.n_head, e - s, e - k0), k0)
+                    out[:, :, s:e] = torch.matmul(pr, v[:, None, k0:e])
                     del sc, pr
                 attn = out.reshape(hp.n_head, T, hd).transpose(0, 1).reshape(T, hp.n_head * hd)
                 attn = attn @ L["wo"].T

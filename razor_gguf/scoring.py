@@ -62,8 +62,9 @@ class ScoreAccumulator:
         self.induction = np.zeros((n_layer, n_head), dtype=np.float64)
         self.n_rows = (reps - 1) * probe_len
 
-    def add(self, layer: int, row_start: int, probs) -> None:
-        """probs: [n_head, rows, n_keys] post-softmax rows row_start.. of one layer (torch or numpy)."""
+    def add(self, layer: int, row_start: int, probs, key_start: int = 0) -> None:
+        """probs: [n_head, rows, n_keys] post-softmax rows row_start.. of one layer (torch or numpy),
+        over keys key_start.. (earlier keys have probability 0)."""
         import torch
 
         p = torch.as_tensor(probs)
@@ -82,10 +83,14 @@ class ScoreAccumulator:
             ok = j >= 1
             if not bool(ok.any()):
                 break
-            r = torch.nonzero(ok).squeeze(1)
-            jj = j[ok]
-            e += p[:, r, jj].double().sum(-1)
-            ind += p[:, r, jj + 1].double().sum(-1)
+            ok_e = ok & (j >= key_start)
+            if bool(ok_e.any()):
+                r = torch.nonzero(ok_e).squeeze(1)
+                e += p[:, r, j[ok_e] - key_start].double().sum(-1)
+            ok_i = ok & (j + 1 >= key_start)
+            if bool(ok_i.any()):
+                r = torch.nonzero(ok_i).squeeze(1)
+                ind += p[:, r, j[ok_i] + 1 - key_start].double().sum(-1)
         self.echo[layer] += e.numpy()
         self.induction[layer] += ind.numpy()
 

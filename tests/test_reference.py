@@ -112,7 +112,8 @@ def test_attention_hook_rows_are_causal_distributions(smollm2_path):
     m.hp.n_layer = 2  # only the first two layers
     seen = []
 
-    def hook(layer, s, p):
+    def hook(layer, s, p, k0):
+        assert k0 == 0  # no sliding window in SmolLM2
         assert p.shape[0] == 9 and p.shape[2] == s + p.shape[1]
         torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2]), atol=1e-5, rtol=0)
         rows = torch.arange(s, s + p.shape[1])[:, None]

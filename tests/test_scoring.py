@@ -80,6 +80,29 @@ def test_induction_at_block_boundary():
     assert ind[0] == pytest.approx(1.0 / ((R - 1) * B))
 
 
+@pytest.mark.parametrize("key_start", [0, 3, 6, 9, 14])
+def test_key_start_offset_equals_full_rows(key_start):
+    # Sliding-window layers hand over rows that start at key_start; keys before it have probability 0.
+    rng = np.random.default_rng(0)
+    A = rng.random((2, T, T))
+    A[:, :, :key_start] = 0
+    A = np.tril(A)
+    A[:, :key_start + 1, :] = 0
+    for i in range(min(key_start + 1, T)):
+        A[:, i, i] = 1.0
+    A /= A.sum(-1, keepdims=True)
+    full = scores_from_attention(A, B, R)
+    acc = ScoreAccumulator(1, 2, B, R)
+    for s in range(0, T, 4):
+        e = min(T, s + 4)
+        k0 = min(key_start, s)  # the window never starts after the chunk's first row
+        acc.add(0, s, A[:, s:e, k0:e], k0)
+    echo, ind = acc.scores()
+    np.testing.assert_allclose(echo[0], full[0], atol=1e-12)
+    np.testing.assert_allclose(ind[0], full[1], atol=1e-12)
+    assert full[0].sum() > 0 and full[1].sum() > 0
+
+
 def test_accumulator_multi_layer_and_torch_input():
     import torch
 
