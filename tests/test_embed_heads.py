@@ -235,3 +235,21 @@ def test_inspect_plot(scored, tmp_path):
     r = _cli("inspect", out, "--plot", png)
     assert r.returncode == 0, r.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemma3_sliding_window_layers_are_local():
+    """Gemma 3 270M: 15 of its 18 layers use a 512-token sliding window, so a probe block longer than
+    the window gives them zero scores, and the 3 global layers (5, 11, 17) are the retrieval heads."""
+    from razor_gguf.models import model_path
+
+    r = _cli("embed-heads", model_path("gemma3"), "--dry-run", "--json", "--probe-len", "600")
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    assert (info["n_layer"], info["n_head_kv"]) == (18, 1)
+    hm = np.array(info["head_map"]).ravel()
+    assert list(np.flatnonzero(hm)) == [5, 11, 17]
+    ind = np.array(info["induction_scores"]).ravel()
+    echo = np.array(info["echo_scores"]).ravel()
+    local = [l for l in range(18) if l not in (5, 11, 17)]
+    assert (ind[local] == 0).all() and (echo[local] == 0).all()
+    assert ind[5] > 0.5
