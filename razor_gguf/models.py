@@ -24,6 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .metadata import sha256_file  # noqa: F401  (re-exported: tests and tools hash models with it)
+
 
 class ModelFetchError(Exception):
     """A model could not be found, downloaded or verified (one-line message)."""
@@ -82,14 +84,6 @@ def cache_dir() -> Path:
     """Read at call time so tests (and users) can redirect it via the env var."""
     env = os.environ.get("RAZOR_GGUF_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "razor-gguf"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check(what: str, expected: str, actual: str) -> None:
