@@ -8,7 +8,8 @@ import sys
 from . import __version__
 
 
-def _error(msg: str) -> int:
+def error(msg: str) -> int:
+    """Report a user mistake as one line on stderr; the caller returns this exit status (2)."""
     print(f"razor-gguf: error: {msg}", file=sys.stderr)
     return 2
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 from . import __version__
+from .cli import error
 from .metadata import (
     DEFAULT_N_SINK,
     DEFAULT_WINDOW,
@@ -210,9 +211,9 @@ def cmd_embed_heads(args) -> int:
     try:
         info = embed_heads(args)
     except (UserError, MetadataError) as e:
-        return _err(str(e))
+        return error(str(e))
     except KeyboardInterrupt:
-        return _err("interrupted; nothing written")
+        return error("interrupted; nothing written")
     if args.json:
         print(json.dumps(info))
     else:
@@ -231,9 +232,9 @@ def cmd_inspect(args) -> int:
             _check_output(args.plot, force=True)
             plot_heads(info, args.plot)
     except (UserError, MetadataError) as e:
-        return _err(str(e))
+        return error(str(e))
     except OSError as e:
-        return _err(f"{e.filename or ''}: {e.strerror}")
+        return error(f"{e.filename or ''}: {e.strerror}")
     if args.json:
         print(json.dumps(info))
     else:
@@ -241,11 +242,6 @@ def cmd_inspect(args) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
-
-
-def _err(msg: str) -> int:
-    print(f"razor-gguf: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def add_subcommands(sub) -> None:

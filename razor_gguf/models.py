@@ -180,8 +180,9 @@ def cli_models_path(name: str) -> int:
     try:
         path = model_path(name)
     except ModelFetchError as e:
-        print(f"razor-gguf: error: {e}", file=sys.stderr)
-        return 2
+        from .cli import error
+
+        return error(str(e))
     print(path)
     return 0
 
