@@ -18,12 +18,15 @@ import cffi
 
 BINDING_VERSION = "0.3.36"
 BASE_COMMIT = "0c1e57098"
-MIN_PATCH_VERSION = 1
+MIN_PATCH_VERSION = 2
 
 _CDEF = """
 uint32_t     llama_razor_patch_version(void);
 const char * llama_razor_base_commit(void);
 const char * llama_razor_backends(void);
+int32_t      llama_razor_kv_bytes(const void * ctx, int64_t out[4]);
+int32_t      llama_razor_head_map(const void * ctx, int32_t * out, int32_t n);
+int32_t      llama_razor_window(const void * ctx, uint32_t * n_sink, uint32_t * n_window);
 """
 
 
@@ -130,3 +133,62 @@ def load_llama_cpp():
 
     _check_match(llama_cpp.__version__, info)
     return llama_cpp
+
+
+@dataclass(frozen=True)
+class KVBytes:
+    """Allocated KV-cache bytes of a context, by part (llama_razor_kv_bytes)."""
+
+    razor: bool  # the context runs the razor cache (else a stock cache, all in `retrieval`)
+    retrieval: int  # full cache of the retrieval heads
+    local: int  # sinks + window ring of the local heads, with its scratch rows
+    compensation: int  # F32 running sums of the evicted keys and values
+    full_equiv: int  # what a stock cache of the same context allocates
+
+    @property
+    def total(self) -> int:
+        return self.retrieval + self.local + self.compensation
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the full cache not allocated (0 for a stock cache)."""
+        return 1.0 - self.total / self.full_equiv if self.full_equiv else 0.0
+
+
+def _ctx_ptr(ctx) -> int:
+    """Address of a llama_context from a ctypes pointer (llama_cpp) or an int."""
+    import ctypes
+
+    if isinstance(ctx, int):
+        return ctx
+    return ctypes.cast(ctx, ctypes.c_void_p).value or 0
+
+
+def kv_bytes(ctx) -> KVBytes:
+    ffi, lib = razor_lib()
+    out = ffi.new("int64_t[4]")
+    rc = lib.llama_razor_kv_bytes(ffi.cast("void *", _ctx_ptr(ctx)), out)
+    if rc < 0:
+        raise ValueError("this context has no KV cache")
+    return KVBytes(bool(rc), int(out[0]), int(out[1]), int(out[2]), int(out[3]))
+
+
+def head_map(ctx) -> list[int] | None:
+    """The head map in effect ([n_layer*n_head_kv], 1 = retrieval), None for a stock cache."""
+    ffi, lib = razor_lib()
+    p = ffi.cast("void *", _ctx_ptr(ctx))
+    n = lib.llama_razor_head_map(p, ffi.NULL, 0)
+    if n == 0:
+        return None
+    buf = ffi.new("int32_t[]", n)
+    lib.llama_razor_head_map(p, buf, n)
+    return [int(x) for x in buf]
+
+
+def window(ctx) -> tuple[int, int] | None:
+    """(n_sink, window) in effect, None for a stock cache."""
+    ffi, lib = razor_lib()
+    s, w = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+    if not lib.llama_razor_window(ffi.cast("void *", _ctx_ptr(ctx)), s, w):
+        return None
+    return int(s[0]), int(w[0])

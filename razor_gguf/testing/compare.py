@@ -38,7 +38,8 @@ def llama_logits(
     kv = GGML_TYPE_F32 if f32_kv else None
     llm = Llama(
         model_path=str(path), n_ctx=n_ctx, logits_all=True, n_batch=n_batch, n_ubatch=n_ubatch,
-        flash_attn=flash_attn, type_k=kv, type_v=kv, n_threads=kwargs.pop("n_threads", 2),
+        flash_attn=flash_attn, type_k=kwargs.pop("type_k", kv), type_v=kwargs.pop("type_v", kv),
+        n_threads=kwargs.pop("n_threads", 2),
         verbose=kwargs.pop("verbose", False), **kwargs,
     )
     try:
@@ -46,3 +47,65 @@ def llama_logits(
         return np.array(llm.scores[: len(tokens)], dtype=np.float64)
     finally:
         llm.close()
+
+
+def multi_seq_logits(
+    path: str | os.PathLike[str],
+    seqs: Sequence[Sequence[int]],
+    unified: bool = False,
+    flash_attn: bool = False,
+    f32_kv: bool = True,
+    n_ctx_seq: int = 256,
+    chunk: int = 8,
+    n_ubatch: int = 16,
+    kv_overrides: dict | None = None,
+) -> list[npt.NDArray[np.float64]]:
+    """Logits of several sequences decoded side by side in one context (n_seq_max = len(seqs)):
+    every llama_decode carries the next `chunk` tokens of each unfinished sequence, so ubatches
+    hold several sequences (separate KV streams unless `unified`). Returns [len(seq), n_vocab] each."""
+    import ctypes
+
+    from razor_gguf import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=n_ctx_seq, verbose=False, kv_overrides=kv_overrides)
+    import llama_cpp
+
+    n = len(seqs)
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx = n_ctx_seq * n
+    p.n_batch = chunk * n
+    p.n_ubatch = n_ubatch
+    p.n_seq_max = n
+    p.kv_unified = unified
+    p.n_threads = p.n_threads_batch = 2
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if f32_kv:
+        p.type_k = p.type_v = GGML_TYPE_F32
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
+    if not ctx:
+        llm.close()
+        raise RuntimeError("llama_init_from_model failed")
+    n_vocab = llm.n_vocab()
+    out = [np.zeros((len(s), n_vocab)) for s in seqs]
+    batch = llama_cpp.llama_batch_init(chunk * n, 0, n)
+    try:
+        for start in range(0, max(len(s) for s in seqs), chunk):
+            rows = [(j, i) for j, s in enumerate(seqs) for i in range(start, min(start + chunk, len(s)))]
+            for b, (j, i) in enumerate(rows):
+                batch.token[b] = seqs[j][i]
+                batch.pos[b] = i
+                batch.n_seq_id[b] = 1
+                batch.seq_id[b][0] = j
+                batch.logits[b] = True
+            batch.n_tokens = len(rows)
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed: {rc}")
+            for b, (j, i) in enumerate(rows):
+                ptr = llama_cpp.llama_get_logits_ith(ctx, b)
+                out[j][i] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+    return out

@@ -1,0 +1,250 @@
+"""The razor KV cache inside llama.cpp against the numpy oracle of SPEC section 1 (tiny synthetic
+GGUFs with random weights), and its sequence operations, state and memory accounting.
+
+Tolerances (see razor_gguf.testing.compare): F32_TOL for an f32 KV cache with flash attention off,
+where both sides compute in f32; F16_TOL where flash attention or an f16 cache rounds K/V to f16.
+Quantized caches are held to the error the stock cache of the same type makes against the stock
+oracle, because q8_0/q4_0 rounding through 4 random layers dwarfs any razor-specific error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from razor_gguf.testing import tiny_forward as tf
+from razor_gguf.testing import tiny_model as tm
+from razor_gguf.testing.compare import F16_TOL, F32_TOL, llama_logits, multi_seq_logits
+
+GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 2, 8
+SINK, WINDOW = 4, 16
+MIXED = np.array([[1, 0], [0, 0], [0, 1], [1, 0]], np.int32)  # layer 1 all local, the others split
+ALL_LOCAL = np.zeros((4, 2), np.int32)
+
+
+def _model(tmp_path_factory, name, head_map, head_dim=32, window=WINDOW):
+    cfg = tm.TinyConfig(head_dim=head_dim)
+    path = tm.write_tiny_model(tmp_path_factory.mktemp("razor") / f"{name}.gguf", cfg,
+                               tm.RazorMeta(head_map=head_map, n_sink=SINK, window=window))
+    return path, cfg, tm.read_weights(path)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return _model(tmp_path_factory, "mixed", MIXED)
+
+
+@pytest.fixture(scope="module")
+def mixed64(tmp_path_factory):
+    # head size 64: quantized caches switch on llama.cpp's Hadamard rotation of K/V
+    return _model(tmp_path_factory, "mixed64", MIXED, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def local_only(tmp_path_factory):
+    return _model(tmp_path_factory, "local", ALL_LOCAL)
+
+
+def _tokens(cfg, n, seed=1):
+    return np.random.default_rng(seed).integers(3, cfg.n_vocab, size=n)
+
+
+def _oracle(model, toks, head_map=MIXED, window=WINDOW):
+    _, cfg, w = model
+    return tf.forward(w, cfg, toks, head_map=head_map, n_sink=SINK, window=window)
+
+
+def test_oracle_differs_from_stock(mixed):
+    # guards every comparison below: eviction changes the outputs by far more than the tolerances
+    toks = _tokens(mixed[1], 100)
+    assert np.abs(_oracle(mixed, toks) - tf.forward(mixed[2], mixed[1], toks)).max() > 1.0
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("n_ubatch", [1, 7, 16])
+def test_matches_oracle_f32(mixed, flash_attn, n_ubatch):
+    """100 tokens, window 16: eviction in every ubatch, per-query compensation rows inside a ubatch."""
+    toks = _tokens(mixed[1], 100)
+    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_batch=16, n_ubatch=n_ubatch)
+    err = np.abs(got - _oracle(mixed, toks)).max()
+    assert err < (F16_TOL if flash_attn else F32_TOL), err
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_matches_oracle_f16(mixed64, flash_attn):
+    toks = _tokens(mixed64[1], 120, seed=2)
+    got = llama_logits(mixed64[0], toks, flash_attn=flash_attn, f32_kv=False)
+    assert np.abs(got - _oracle(mixed64, toks)).max() < F16_TOL
+
+
+@pytest.mark.parametrize("qtype", [GGML_TYPE_Q8_0, GGML_TYPE_Q4_0])
+def test_matches_oracle_quantized(mixed64, qtype):
+    toks = _tokens(mixed64[1], 120, seed=3)
+    kw = dict(flash_attn=True, f32_kv=False, type_k=qtype, type_v=qtype)
+    err_razor = np.abs(llama_logits(mixed64[0], toks, **kw) - _oracle(mixed64, toks)).max()
+    stock = llama_logits(mixed64[0], toks, kv_overrides={"razor.enabled": False}, **kw)
+    err_stock = np.abs(stock - tf.forward(mixed64[2], mixed64[1], toks)).max()
+    print(f"\nqtype {qtype}: razor vs oracle {err_razor:.3g}, stock vs stock oracle {err_stock:.3g}")
+    assert err_razor < 1.5 * err_stock + F16_TOL
+
+
+def test_all_heads_local(local_only):
+    """No retrieval head at all (StreamingLLM plus compensation): only the local ring exists."""
+    toks = _tokens(local_only[1], 90)
+    got = llama_logits(local_only[0], toks)
+    assert np.abs(got - _oracle(local_only, toks, head_map=ALL_LOCAL)).max() < F32_TOL
+
+
+def test_prefill_equals_decode(mixed):
+    toks = _tokens(mixed[1], 80, seed=4)
+    one_shot = llama_logits(mixed[0], toks, n_batch=32, n_ubatch=32)
+    decode = llama_logits(mixed[0], toks, n_batch=1, n_ubatch=1)
+    assert np.abs(one_shot - decode).max() < F32_TOL
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_multiple_sequences(mixed, unified):
+    """Two sequences of different lengths decoded together; each matches its own oracle."""
+    seqs = [list(_tokens(mixed[1], 100, seed=5)), list(_tokens(mixed[1], 60, seed=6))]
+    outs = multi_seq_logits(mixed[0], seqs, unified=unified)
+    for out, s in zip(outs, seqs):
+        assert np.abs(out - _oracle(mixed, s)).max() < F32_TOL
+
+
+def test_window_covering_context_is_stock(mixed):
+    """A window as long as the context evicts nothing: the split path reproduces the stock cache."""
+    toks = _tokens(mixed[1], 100, seed=7)
+    wide = llama_logits(mixed[0], toks, kv_overrides={"razor.window": 256})
+    stock = llama_logits(mixed[0], toks, kv_overrides={"razor.enabled": False})
+    assert np.abs(wide - stock).max() < F32_TOL
+    assert np.abs(stock - tf.forward(mixed[2], mixed[1], toks)).max() < F32_TOL
+
+
+def _llama(path, **kw):
+    from razor_gguf import Llama
+
+    return Llama(model_path=str(path), n_ctx=kw.pop("n_ctx", 512), n_batch=16, n_ubatch=16, logits_all=True,
+                 type_k=0, type_v=0, n_threads=2, verbose=False, **kw)
+
+
+def test_trim_recent_tokens_then_continue(mixed):
+    """Trimming the tail unfolds what the window must see again: continuing equals a fresh run."""
+    toks = _tokens(mixed[1], 120, seed=8)
+    fresh = llama_logits(mixed[0], toks, n_ctx=512)
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(list(toks[:100]) + list(_tokens(mixed[1], 12, seed=9)))  # a wrong continuation
+        assert llm._ctx.kv_cache_seq_rm(-1, 100, -1)
+        llm.n_tokens = 100
+        llm.eval(list(toks[100:]))
+        assert np.abs(np.array(llm.scores[:120]) - fresh).max() < F32_TOL
+    finally:
+        llm.close()
+
+
+def test_remove_folded_positions_refused(mixed):
+    toks = list(_tokens(mixed[1], 400, seed=10))
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(toks)
+        mem_rm = llm._ctx.kv_cache_seq_rm
+        assert not mem_rm(0, 20, 30), "a hole in the folded history must be refused"
+        # the ring (256 cells) no longer holds position 50's neighbourhood: cannot unfold
+        assert not mem_rm(0, 50, -1)
+        assert mem_rm(0, 395, -1)  # recent: fine
+        assert mem_rm(0, 2, -1)  # everything folded goes: the sequence starts over
+    finally:
+        llm.close()
+
+
+def test_reset_and_reevaluate_equals_fresh(mixed):
+    toks = _tokens(mixed[1], 100, seed=11)
+    fresh = llama_logits(mixed[0], toks, n_ctx=512)
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(list(_tokens(mixed[1], 150, seed=12)))
+        llm.reset()
+        llm.eval(list(toks))
+        assert np.abs(np.array(llm.scores[:100]) - fresh).max() < F32_TOL
+    finally:
+        llm.close()
+
+
+def test_state_save_load_round_trip(mixed):
+    toks = list(_tokens(mixed[1], 140, seed=13))
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(toks[:100])
+        state = llm.save_state()
+        llm.eval(toks[100:])
+        first = np.array(llm.scores[100:140])
+        llm.eval(list(_tokens(mixed[1], 30, seed=14)))  # move on, then restore
+        llm.load_state(state)
+        llm.eval(toks[100:])
+        # a whole-cache restore packs the ring's cells from cell 0 (stock llama.cpp does the same), so the
+        # attention sums run in another order: equal up to f32 rounding, the compensation state bitwise
+        assert np.abs(np.array(llm.scores[100:140]) - first).max() < F32_TOL
+    finally:
+        llm.close()
+
+
+def test_kv_bytes(mixed):
+    from razor_gguf import _native
+
+    llm = _llama(mixed[0], n_ctx=4096)
+    stock = _llama(mixed[0], n_ctx=4096, kv_overrides={"razor.enabled": False})
+    try:
+        kv, kv_stock = _native.kv_bytes(llm._ctx.ctx), _native.kv_bytes(stock._ctx.ctx)
+        assert kv.razor and not kv_stock.razor
+        assert kv.full_equiv == kv_stock.total == kv_stock.full_equiv
+        row = 2 * 32 * 4  # K + V of one f32 head of size 32
+        assert kv.retrieval == 3 * 4096 * row  # 3 retrieval KV heads keep every cell
+        assert kv.local == 5 * 256 * row  # 5 local heads: pad256(4 + 16 + 16 + 16 scratch) cells
+        assert kv.compensation >= 4 * 2 * 32 * 4  # 4 layers x (K+V sums of their local heads)
+        assert kv.total < 0.42 * kv.full_equiv  # 3 of 8 KV heads are retrieval heads: 37.5% + the ring
+        assert _native.window(llm._ctx.ctx) == (SINK, WINDOW) and _native.window(stock._ctx.ctx) is None
+        assert _native.head_map(llm._ctx.ctx) == MIXED.ravel().tolist()
+    finally:
+        llm.close()
+        stock.close()
+
+
+def test_overrides(mixed):
+    from gguf import GGUFReader
+
+    from razor_gguf import _native
+    from razor_gguf.scoring import select_heads
+
+    llm = _llama(mixed[0], kv_overrides={"razor.window": 32, "razor.n_sink": 2, "razor.retrieval_ratio": 0.5})
+    try:
+        assert _native.window(llm._ctx.ctx) == (2, 32)
+        r = GGUFReader(str(mixed[0]))
+        echo, ind = (np.asarray(r.fields[k].contents(), np.float32).reshape(MIXED.shape)
+                     for k in ("razor.echo_scores", "razor.induction_scores"))
+        echo_ratio = float(r.fields["razor.selection.echo_ratio"].contents())
+        want = select_heads(echo, ind, induction_ratio=0.5 - echo_ratio, echo_ratio=echo_ratio)
+        assert _native.head_map(llm._ctx.ctx) == want.ravel().tolist()
+        assert sum(_native.head_map(llm._ctx.ctx)) == 4
+    finally:
+        llm.close()
+
+
+def test_bad_head_map_falls_back_to_stock(mixed, tmp_path, capfd):
+    from gguf import GGUFReader, GGUFValueType
+
+    from razor_gguf import Llama, _native
+    from razor_gguf.metadata import write_with_razor
+
+    path = tmp_path / "bad.gguf"
+    write_with_razor(GGUFReader(str(mixed[0])), str(path), {
+        "razor.head_map": (GGUFValueType.ARRAY, [0] * 6, GGUFValueType.INT32),
+        "razor.enabled": (GGUFValueType.BOOL, True, None),
+    })
+
+    llm = Llama(model_path=str(path), n_ctx=64, verbose=True)
+    try:
+        assert not _native.kv_bytes(llm._ctx.ctx).razor
+    finally:
+        llm.close()
+    err = capfd.readouterr().err
+    assert "razor.head_map has 6 entries but the model has 4 layers x 2 KV heads: razor disabled" in err
