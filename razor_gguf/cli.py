@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_head_scoring(sub)  # embed-heads, inspect
 
+    from .bench import add_subcommand as _add_bench
+
+    _add_bench(sub)
+
     demo = sub.add_parser("demo", help="fetch SmolLM2 and run a short greedy completion")
     demo.set_defaults(func=_cmd_demo)
     return ap

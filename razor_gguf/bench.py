@@ -1,0 +1,315 @@
+"""`razor-gguf bench`: prefill and decode tokens/s and allocated KV bytes, razor against the full cache
+(SPEC section 5).
+
+Each (context length, mode) pair runs in a fresh worker process (`python -m razor_gguf.bench --worker
+SPEC`), so the peak resident memory of one run is not inflated by an earlier, larger one, and a crash or
+an out-of-memory kill in one run is reported as a one-line error instead of taking the CLI down.
+The worker prints one JSON line on stdout; progress goes to stderr, and --json prints one object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from .cli import error
+
+# mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
+# A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
+MODES = {
+    "full": (False, None),
+    "razor": (True, None),
+    "full_q8_0": (False, 8),
+    "razor_q8_0": (True, 8),
+}
+DEFAULT_MODES = "full,razor"
+MIN_CTX = 64
+MIN_PROMPT = 32  # a prefill shorter than this measures overhead, not throughput
+SEED = 0
+
+
+class UserError(Exception):
+    """A bad input: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _prompt_tokens(n: int, n_vocab: int) -> list[int]:
+    import numpy as np
+
+    # Ids from a range that holds ordinary tokens in common vocabularies (no control tokens at the
+    # bottom, no byte-fallback or added tokens at the top); the content does not matter for speed.
+    hi = min(n_vocab, 30000)
+    return np.random.default_rng(SEED).integers(100, hi, size=n).tolist()
+
+
+def run_one(spec: dict) -> dict:
+    """One measurement in this process: load, allocate, prefill, decode. Returns a `runs` entry."""
+    import resource
+
+    import razor_gguf  # noqa: F401  (binds the patched libraries before llama_cpp is imported)
+
+    from . import _native
+    from .llama import Llama
+
+    razor, kv_type = MODES[spec["mode"]]
+    overrides: dict = {"razor.enabled": razor}
+    if razor:
+        overrides.update(spec["razor_overrides"])
+    kw = {"type_k": kv_type, "type_v": kv_type} if kv_type is not None else {}
+    n_ctx = spec["ctx"]
+    llm = Llama(
+        model_path=spec["model"], n_ctx=n_ctx, n_batch=spec["n_ubatch"], n_ubatch=spec["n_ubatch"],
+        flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=spec["n_gpu_layers"],
+        kv_overrides=overrides, verbose=False, **kw,
+    )
+    kb = _native.kv_bytes(llm._ctx.ctx)
+    if kb.razor != razor:
+        # e.g. razor.enabled=false stored in the file, or an override the library rejected
+        raise RuntimeError(f"the context runs the {'razor' if kb.razor else 'full'} cache, expected {spec['mode']}")
+    sink_window = _native.window(llm._ctx.ctx)
+    hm = _native.head_map(llm._ctx.ctx)
+    run = {
+        "mode": spec["mode"],
+        "ctx": n_ctx,
+        "kv_bytes": kb.total,
+        "kv_bytes_full_equiv": kb.full_equiv,
+        "prefill_tps": None,
+        "decode_tps": None,
+        "peak_rss_bytes": None,
+        "n_prompt": 0,
+        "n_decode": 0,
+        "n_sink": sink_window[0] if sink_window else None,
+        "window": sink_window[1] if sink_window else None,
+        "retrieval_heads": sum(hm) if hm else None,
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # contention from other processes skews the speeds
+    }
+    if not spec["kv_only"]:
+        n_decode = spec["n_decode"]
+        n_prompt = n_ctx - n_decode - 1
+        toks = _prompt_tokens(n_prompt + n_decode, llm.n_vocab())
+        t0 = time.perf_counter()
+        llm.eval(toks[:n_prompt])  # one call: llama-cpp-python splits it into n_batch chunks
+        prefill_s = time.perf_counter() - t0
+        # Decode at a context of ~n_ctx tokens: one token per eval, the fixed ids standing in for
+        # sampled ones, so only the forward passes are timed (no sampling, no detokenizing).
+        decode_s = 0.0
+        for tok in toks[n_prompt:]:
+            t0 = time.perf_counter()
+            llm.eval([tok])
+            decode_s += time.perf_counter() - t0
+        run.update(prefill_tps=n_prompt / prefill_s, decode_tps=n_decode / decode_s,
+                   n_prompt=n_prompt, n_decode=n_decode)
+    run["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return run
+
+
+def _worker_main(spec_json: str) -> int:
+    try:
+        out = run_one(json.loads(spec_json))
+    except Exception as e:  # reported by the parent as one line
+        out = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    print(json.dumps(out), flush=True)
+    return 1 if "error" in out else 0
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def _machine() -> dict:
+    from ._native import NativeLibraryError, build_info
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem = None
+    m = {"cpu": cpu, "n_cores": os.cpu_count(), "mem_total_bytes": mem, "os": platform.platform(),
+         "python": platform.python_version(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        info = build_info()
+        m.update(llama_cpp=f"{info.base_commit} + razor patch {info.patch_version}", backends=list(info.backends))
+    except NativeLibraryError:
+        pass
+    if "cuda" in [b.lower() for b in m.get("backends", [])]:
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20)
+            m["gpu"] = r.stdout.strip().splitlines() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return m
+
+
+def _check(args) -> tuple[list[str], dict]:
+    """Validate everything before the first worker starts; returns (modes, razor overrides)."""
+    from .metadata import MetadataError, open_gguf, read_razor
+
+    modes = []
+    for m in (x.strip() for x in args.modes.split(",")):
+        if m not in MODES:
+            raise UserError(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
+        if m not in modes:
+            modes.append(m)
+    if args.n_decode < 1:
+        raise UserError(f"--n-decode must be >= 1, got {args.n_decode}")
+    min_ctx = MIN_CTX if args.kv_only else max(MIN_CTX, args.n_decode + 1 + MIN_PROMPT)
+    for n in args.ctx:
+        if n < min_ctx:
+            why = "" if min_ctx == MIN_CTX else f" (--n-decode {args.n_decode} + 1 + a {MIN_PROMPT}-token prompt)"
+            raise UserError(f"--ctx {n} is too small: at least {min_ctx}{why}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.n_ubatch < 1:
+        raise UserError(f"--n-ubatch must be >= 1, got {args.n_ubatch}")
+    overrides = {}
+    if args.window is not None:
+        if args.window < 1:
+            raise UserError(f"--window must be >= 1, got {args.window}")
+        overrides["razor.window"] = args.window
+    if args.n_sink is not None:
+        if args.n_sink < 0:
+            raise UserError(f"--n-sink must be >= 0, got {args.n_sink}")
+        overrides["razor.n_sink"] = args.n_sink
+    if args.retrieval_ratio is not None:
+        if not 0.0 <= args.retrieval_ratio <= 1.0:
+            raise UserError(f"--retrieval-ratio must be between 0 and 1, got {args.retrieval_ratio}")
+        overrides["razor.retrieval_ratio"] = float(args.retrieval_ratio)
+
+    try:
+        reader = open_gguf(args.model)
+        info = read_razor(reader)
+    except MetadataError as e:
+        raise UserError(str(e)) from None
+    if info is None and any(MODES[m][0] for m in modes):
+        raise UserError(f"{args.model}: no razor.* keys, so the razor modes cannot run "
+                        f"(run razor-gguf embed-heads first, or use --modes full)")
+    arch = reader.get_field("general.architecture")
+    train = reader.get_field(f"{arch.contents()}.context_length") if arch else None
+    if train is not None and max(args.ctx) > int(train.contents()):
+        print(f"bench: note: --ctx {max(args.ctx)} is beyond the model's training context "
+              f"{int(train.contents())}; speed and KV bytes are still measured, output quality is not",
+              file=sys.stderr)
+    return modes, overrides
+
+
+def _spawn(spec: dict) -> dict:
+    cmd = [sys.executable, "-m", "razor_gguf.bench", "--worker", json.dumps(spec)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    out = json.loads(lines[-1]) if lines else {}
+    if r.returncode == 0 and "error" not in out and out:
+        return out
+    where = f"{spec['mode']} at --ctx {spec['ctx']}"
+    if "error" in out:
+        raise UserError(f"{where}: {out['error']}")
+    if r.returncode < 0:  # killed by a signal: SIGKILL is usually the kernel's out-of-memory killer
+        raise UserError(f"{where}: the worker was killed by signal {-r.returncode} (out of memory?)")
+    tail = [l for l in r.stderr.splitlines() if l.strip()]
+    raise UserError(f"{where}: the worker failed (exit {r.returncode}): {tail[-1] if tail else 'no message'}")
+
+
+def _ratios(runs: list[dict]) -> list[dict]:
+    """Every mode against the stock F16 cache ("full") at the same context, when that ran."""
+    full = {r["ctx"]: r for r in runs if r["mode"] == "full"}
+
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    return [{"ctx": r["ctx"], "mode": r["mode"], "baseline": "full",
+             "kv_fraction": div(r["kv_bytes"], full[r["ctx"]]["kv_bytes"]),
+             "prefill_ratio": div(r["prefill_tps"], full[r["ctx"]]["prefill_tps"]),
+             "decode_speedup": div(r["decode_tps"], full[r["ctx"]]["decode_tps"])}
+            for r in runs if r["mode"] != "full" and r["ctx"] in full]
+
+
+def format_table(res: dict) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    rows = [("mode", "ctx", "KV MiB", "% of full", "prefill tok/s", "decode tok/s", "peak RSS MiB")]
+    for r in res["runs"]:
+        rows.append((r["mode"], str(r["ctx"]), f(r["kv_bytes"] / 2**20, ".1f"),
+                     f(100 * r["kv_bytes"] / r["kv_bytes_full_equiv"], ".1f"),
+                     f(r["prefill_tps"], ".1f"), f(r["decode_tps"], ".2f"), f(r["peak_rss_bytes"] / 2**20, ".0f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.append("(% of full: against a stock cache of the same KV type and context)")
+    for q in res["ratios"]:
+        lines.append(f"{q['mode']} vs full at ctx {q['ctx']}: KV x{f(q['kv_fraction'], '.3f')}, "
+                     f"prefill x{f(q['prefill_ratio'], '.2f')}, decode x{f(q['decode_speedup'], '.2f')}")
+    return "\n".join(lines)
+
+
+def bench(args) -> dict:
+    modes, overrides = _check(args)
+    settings = {
+        "modes": modes, "ctx": list(args.ctx), "n_decode": None if args.kv_only else args.n_decode,
+        "kv_only": args.kv_only, "n_batch": args.n_ubatch, "n_ubatch": args.n_ubatch, "flash_attn": True,
+        "n_threads": args.threads or os.cpu_count(), "n_gpu_layers": args.n_gpu_layers,
+        "razor_overrides": overrides, "prompt": f"random ids in [100, min(n_vocab, 30000)), seed {SEED}",
+    }
+    res = {"model": os.path.abspath(args.model), "machine": _machine(), "settings": settings, "runs": []}
+    for n in args.ctx:
+        for mode in modes:
+            print(f"bench: {mode} at ctx {n} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            run = _spawn({"model": res["model"], "mode": mode, "ctx": n, "n_decode": args.n_decode,
+                          "kv_only": args.kv_only, "n_ubatch": args.n_ubatch, "n_threads": settings["n_threads"],
+                          "n_gpu_layers": args.n_gpu_layers, "razor_overrides": overrides})
+            res["runs"].append(run)
+            speed = "" if args.kv_only else \
+                f", prefill {run['prefill_tps']:.1f} tok/s, decode {run['decode_tps']:.2f} tok/s"
+            print(f"bench: {mode} at ctx {n}: KV {run['kv_bytes'] / 2**20:.1f} MiB{speed} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    res["ratios"] = _ratios(res["runs"])
+    return res
+
+
+def cmd_bench(args) -> int:
+    try:
+        res = bench(args)
+    except UserError as e:
+        return error(str(e))
+    except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
+        return error("interrupted")
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+def add_subcommand(sub) -> None:
+    b = sub.add_parser("bench", help="prefill/decode tokens/s and KV bytes, razor against the full cache")
+    b.add_argument("model", metavar="MODEL.gguf")
+    b.add_argument("--ctx", type=int, action="append", required=True, metavar="N",
+                   help="context length; repeat for several")
+    b.add_argument("--modes", default=DEFAULT_MODES,
+                   help=f"comma-separated, from {', '.join(MODES)} (default {DEFAULT_MODES}); "
+                        "_q8_0 = Q8_0 K and V caches")
+    b.add_argument("--n-decode", type=int, default=64, help="tokens decoded one at a time after the prefill")
+    b.add_argument("--kv-only", action="store_true", help="only allocate and report KV bytes (for large contexts)")
+    b.add_argument("--window", type=int, help="razor.window override (default: the model's)")
+    b.add_argument("--n-sink", type=int, help="razor.n_sink override (default: the model's)")
+    b.add_argument("--retrieval-ratio", type=float, help="re-select retrieval heads from the stored scores")
+    b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    b.add_argument("--n-ubatch", type=int, default=512,
+                   help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")
+    b.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU backend (default 0)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2]))
+    sys.exit(error("razor_gguf.bench is run as `razor-gguf bench`"))

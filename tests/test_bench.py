@@ -1,0 +1,132 @@
+"""`razor-gguf bench` (SPEC section 5): the JSON contract, KV bytes razor against full, and bad input.
+No timing assertions: speed is what the benchmark measures, not what the tests check."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import razor_gguf  # noqa: F401  (before llama_cpp)
+
+RUN_FIELDS = {"mode", "ctx", "kv_bytes", "kv_bytes_full_equiv", "prefill_tps", "decode_tps", "peak_rss_bytes"}
+
+
+def _bench(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "razor_gguf", "bench", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("razor-gguf: error: "), r.stderr[-2000:]
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.fixture(scope="session")
+def razor_model(request, smollm2_path, tmp_path_factory):
+    """SmolLM2 with razor metadata: the shared session fixture when conftest has it, else a quick own one."""
+    try:
+        return str(request.getfixturevalue("smollm2_razor")[0])
+    except pytest.FixtureLookupError:
+        pass
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("bench") / "smollm2-razor.gguf"
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "-o", str(out),
+                        "--probe-len", "300"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(out)
+
+
+def test_short_run_json(razor_model):
+    r = _bench(razor_model, "--ctx", 256, "--n-decode", 8, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)  # one object, nothing else on stdout
+    assert {"model", "machine", "settings", "runs", "ratios"} <= set(res)
+    assert res["machine"]["n_cores"] >= 1 and res["machine"]["cpu"]
+    assert [(x["mode"], x["ctx"]) for x in res["runs"]] == [("full", 256), ("razor", 256)]
+    for run in res["runs"]:
+        assert RUN_FIELDS <= set(run)
+        assert run["kv_bytes"] > 0 and run["kv_bytes_full_equiv"] > 0
+        assert run["prefill_tps"] > 0 and run["decode_tps"] > 0
+        assert run["peak_rss_bytes"] > 50 * 2**20  # the model alone is ~100 MB
+        assert (run["n_prompt"], run["n_decode"]) == (256 - 8 - 1, 8)
+    full, razor = res["runs"]
+    assert full["kv_bytes"] == full["kv_bytes_full_equiv"] == razor["kv_bytes_full_equiv"]
+    assert razor["window"] > 0 and razor["retrieval_heads"] > 0 and full["window"] is None
+    (q,) = res["ratios"]
+    assert (q["mode"], q["baseline"], q["ctx"]) == ("razor", "full", 256)
+    assert q["kv_fraction"] == pytest.approx(razor["kv_bytes"] / full["kv_bytes"])
+    assert "bench: razor at ctx 256" in r.stderr  # progress goes to stderr
+
+
+def test_kv_bytes_razor_below_full(razor_model):
+    # At a short context the local heads' ring (sinks + window + ubatch scratch) is as big as the context,
+    # so compare where the saving is real; --kv-only only allocates, so this is fast.
+    r = _bench(razor_model, "--ctx", 4096, "--kv-only", "--modes", "full,razor,full_q8_0,razor_q8_0", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {x["mode"]: x for x in json.loads(r.stdout)["runs"]}
+    assert runs["razor"]["kv_bytes"] < runs["full"]["kv_bytes"]
+    assert runs["razor_q8_0"]["kv_bytes"] < runs["full_q8_0"]["kv_bytes"] < runs["full"]["kv_bytes"]
+    assert runs["razor_q8_0"]["kv_bytes"] < runs["razor"]["kv_bytes"]
+    assert runs["razor"]["prefill_tps"] is None and runs["razor"]["decode_tps"] is None
+
+
+def test_overrides_reach_the_cache(razor_model):
+    r = _bench(razor_model, "--ctx", 4096, "--kv-only", "--modes", "razor", "--window", 256, "--n-sink", 8, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads(r.stdout)["runs"]
+    assert (run["window"], run["n_sink"]) == (256, 8)
+
+
+def test_table(razor_model):
+    r = _bench(razor_model, "--ctx", 2048, "--kv-only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines()[0].split()[:3] == ["mode", "ctx", "KV"]
+    assert "razor vs full at ctx 2048" in r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{model}", "--ctx", "abc"], "invalid int value"),
+    (["{model}", "--ctx", "32"], "--ctx 32 is too small"),
+    (["{model}", "--ctx", "80", "--n-decode", "64"], "--ctx 80 is too small"),
+    (["{model}", "--ctx", "256", "--modes", "full,turbo"], "unknown mode 'turbo'"),
+    (["{model}", "--ctx", "256", "--n-decode", "0"], "--n-decode"),
+    (["{model}", "--ctx", "256", "--retrieval-ratio", "1.5"], "--retrieval-ratio"),
+    (["{model}", "--ctx", "256", "--window", "0"], "--window"),
+    (["{model}"], "--ctx"),
+    (["{model}", "--ctx", "256"], "run razor-gguf embed-heads"),  # a stock model: no razor metadata
+    (["/nonexistent/model.gguf", "--ctx", "256"], "no such file"),
+    (["{notgguf}", "--ctx", "256"], "not a GGUF"),
+])
+def test_bad_input(args, needle, smollm2_path, tmp_path):
+    notgguf = tmp_path / "x.gguf"
+    notgguf.write_text("hello")
+    r = _bench(*[a.format(model=smollm2_path, notgguf=notgguf) for a in args])
+    _assert_user_error(r, needle)
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stock_model_full_mode_runs(smollm2_path):
+    # Without razor metadata the full modes still work (a baseline for any GGUF).
+    r = _bench(smollm2_path, "--ctx", 1024, "--kv-only", "--modes", "full", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = json.loads(r.stdout)["runs"]
+    assert run["kv_bytes"] == run["kv_bytes_full_equiv"]
+
+
+def test_worker_failure_is_one_line(tmp_path):
+    # A well-formed GGUF that llama.cpp cannot load: the worker fails, the CLI reports one line, exit 2.
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "unknown-arch.gguf"
+    w = gguf.GGUFWriter(str(path), "no_such_arch")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = _bench(path, "--ctx", 256, "--modes", "full")
+    _assert_user_error(r, "full at --ctx 256", "Failed to load model")
