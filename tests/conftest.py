@@ -1,5 +1,9 @@
 import json
 import pathlib
+import resource
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -16,3 +20,22 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def golden_smollm2() -> dict:
     return json.loads((DATA / "golden_smollm2.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_razor(smollm2_path, tmp_path_factory):
+    """SmolLM2 with its head map embedded by `razor-gguf embed-heads` (default settings), made once per
+    session: (path, the --json summary, wall seconds, peak RSS bytes of the embed process)."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("embed") / "smollm2-razor.gguf"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "-o", str(out), "--json"],
+                       capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout)
+    print(f"\nembed-heads SmolLM2: {wall:.1f} s wall, peak RSS {peak / 2**30:.2f} GiB; "
+          f"{info['retrieval_count']} retrieval heads (ratio {info['retrieval_ratio']:.3f}) in layers "
+          f"{[l for l, row in enumerate(info['head_map']) if any(row)]}")
+    return out, info, wall, peak

@@ -9,6 +9,8 @@ oracle, because q8_0/q4_0 rounding through 4 random layers dwarfs any razor-spec
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -114,9 +116,16 @@ def test_multiple_sequences(mixed, unified):
 def test_window_covering_context_is_stock(mixed):
     """A window as long as the context evicts nothing: the split path reproduces the stock cache."""
     toks = _tokens(mixed[1], 100, seed=7)
-    wide = llama_logits(mixed[0], toks, kv_overrides={"razor.window": 256})
-    stock = llama_logits(mixed[0], toks, kv_overrides={"razor.enabled": False})
+    wide = llama_logits(mixed[0], toks, n_ctx=512, kv_overrides={"razor.window": 200})  # razor on, evicts nothing
+    stock = llama_logits(mixed[0], toks, n_ctx=512, kv_overrides={"razor.enabled": False})
     assert np.abs(wide - stock).max() < F32_TOL
+    from razor_gguf import _native
+
+    llm = _llama(mixed[0], kv_overrides={"razor.window": 200})
+    try:
+        assert _native.kv_bytes(llm._ctx.ctx).razor  # the split path really ran
+    finally:
+        llm.close()
     assert np.abs(stock - tf.forward(mixed[2], mixed[1], toks)).max() < F32_TOL
 
 
@@ -248,3 +257,28 @@ def test_bad_head_map_falls_back_to_stock(mixed, tmp_path, capfd):
         llm.close()
     err = capfd.readouterr().err
     assert "razor.head_map has 6 entries but the model has 4 layers x 2 KV heads: razor disabled" in err
+
+
+def test_prefix_reuse_across_turns_same_tokens(mixed, capsys):
+    """llama-cpp-python's multi-turn prefix reuse on the razor cache (f32 weights and cache, window 16):
+    turn two trims the cached first turn to the common prefix and answers exactly as a fresh run."""
+    kw = dict(kv_overrides={"razor.window": WINDOW})
+    turn1 = "the quick brown fox jumps over the lazy dog while the cat sleeps " * 3
+    llm = _llama(mixed[0], **kw)
+    llm.verbose = True  # the binding reports its prefix reuse on stderr
+    try:
+        out1 = llm.create_completion(turn1, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+        turn2 = turn1 + out1[: len(out1) // 2] + " and then"
+        capsys.readouterr()
+        reused = llm.create_completion(turn2, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+        hit = re.search(r"(\d+) prefix-match hit", capsys.readouterr().err)
+        assert hit and int(hit.group(1)) > 100, "the trimmed cache was reused"
+        n_reused = llm.n_tokens
+    finally:
+        llm.close()
+    fresh_llm = _llama(mixed[0], **kw)
+    try:
+        fresh = fresh_llm.create_completion(turn2, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+    finally:
+        fresh_llm.close()
+    assert n_reused > 150 and reused == fresh

@@ -1,0 +1,127 @@
+"""The razor cache on a real model (SmolLM2 with the head map embed-heads writes): parity with the
+unpatched build where nothing is evicted, prefix reuse across turns, and passkey retrieval."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+from razor_gguf import Llama, _native  # first: binds llama_cpp to the patched libraries
+from razor_gguf import passkey
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("record_golden", ROOT / "tools" / "record_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("overrides", [
+    {"razor.window": 400},  # razor on (n_ctx 512 > 4 + 400), the ~40 tokens never leave the window
+    {"razor.window": 400, "razor.retrieval_ratio": 0.5},  # another split of the heads
+    {"razor.retrieval_ratio": 1.0},  # every head a retrieval head: the stock cache
+])
+def test_greedy_tokens_match_unpatched_golden(smollm2_razor, golden_smollm2, overrides):
+    path = str(smollm2_razor[0])
+    cls = functools.partial(Llama, kv_overrides=overrides)
+    tokens, text = _recipe().greedy_completion(cls, path, golden_smollm2["request"])
+    assert tokens == golden_smollm2["tokens"]
+    assert text == golden_smollm2["text"]
+
+    llm = Llama(model_path=path, n_ctx=512, verbose=False, kv_overrides=overrides)
+    try:
+        assert _native.kv_bytes(llm._ctx.ctx).razor == (overrides.get("razor.retrieval_ratio") != 1.0)
+    finally:
+        llm.close()
+
+
+def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
+    """The binding's prefix reuse: a cache holding 266 tokens plus 30 wrong ones (window 64, so most
+    of the prompt is folded) is trimmed back to 266 and re-evaluated; the logits of the last 20 tokens
+    equal a fresh evaluation's. Same batch size on both sides: llama.cpp itself (stock cache too) is
+    not batch-invariant on this quantized model (up to 1.4 logits between batch sizes 1 and 512)."""
+    import numpy as np
+
+    path = str(smollm2_razor[0])
+    kw = dict(n_ctx=1024, n_batch=16, n_ubatch=16, logits_all=True, verbose=False, kv_overrides={"razor.window": 64})
+    text = ("A short story about a lighthouse keeper who finds a message in a bottle. The keeper, an old "
+            "man named Elias, has lived alone on the rock for thirty years. ") * 5
+    llm = Llama(model_path=path, **kw)
+    fresh = Llama(model_path=path, **kw)
+    try:
+        toks = llm.tokenize(text.encode(), add_bos=True)
+        n = len(toks)
+        assert n > 250
+        llm.eval(toks[: n - 20] + list(np.random.default_rng(0).integers(100, 10000, 30)))
+        assert llm._ctx.kv_cache_seq_rm(-1, n - 20, -1)  # folded rows the window needs again are unfolded
+        llm.n_tokens = n - 20
+        llm.eval(toks[n - 20:])
+        fresh.eval(toks)
+        diff = np.abs(np.array(llm.scores[n - 20: n]) - np.array(fresh.scores[n - 20: n])).max()
+        assert diff < 0.05, diff
+    finally:
+        llm.close()
+        fresh.close()
+
+
+N_PROMPT, N_TRIALS, WINDOW = 2000, 8, 256
+
+
+def _passkey_accuracy(path: str, overrides: dict) -> tuple[list[bool], float]:
+    llm = Llama(model_path=path, n_ctx=2304, n_batch=512, n_ubatch=64, flash_attn=True, n_threads=2,
+                verbose=False, kv_overrides=overrides)
+    try:
+        trials = passkey.make_trials(lambda s: llm.tokenize(s.encode(), add_bos=True), N_PROMPT, N_TRIALS, seed=0)
+        ok = []
+        for tr in trials:
+            out = llm.create_completion(tr.text, max_tokens=6, temperature=0.0, top_k=1)["choices"][0]["text"]
+            ok.append(passkey.is_correct(out, tr.key))
+        kb = _native.kv_bytes(llm._ctx.ctx)
+        return ok, kb.total / kb.full_equiv
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def passkey_runs(smollm2_razor):
+    """Passkey at ~2k tokens, window 256: the full cache, razor (14/90 retrieval heads) with and
+    without the compensation row, and all heads local (StreamingLLM) sized to razor's KV bytes."""
+    path = str(smollm2_razor[0])
+    runs = {
+        "full": _passkey_accuracy(path, {"razor.enabled": False}),
+        "razor": _passkey_accuracy(path, {"razor.window": WINDOW}),
+        "razor_no_comp": _passkey_accuracy(path, {"razor.window": WINDOW, "razor.compensation": False}),
+        # ring of pad256(4 + W + 2*64) cells for every head ~ razor's bytes at n_ctx 2304, n_ubatch 64
+        "streaming": _passkey_accuracy(path, {"razor.window": 636, "razor.retrieval_ratio": 0.0,
+                                              "razor.compensation": False}),
+    }
+    print("\npasskey, SmolLM2, %d tokens, %d trials:" % (N_PROMPT, N_TRIALS))
+    for name, (ok, frac) in runs.items():
+        print(f"  {name:14s} {sum(ok)}/{len(ok)}  KV {frac:.3f} of full  {['x' if o else '.' for o in ok]}")
+    return runs
+
+
+def test_passkey_full_cache_baseline(passkey_runs):
+    ok, frac = passkey_runs["full"]
+    assert frac == 1.0 and sum(ok) >= N_TRIALS - 2
+
+
+def test_passkey_razor_at_least_streaming_at_equal_memory(passkey_runs):
+    (razor, f_razor), (stream, f_stream) = passkey_runs["razor_no_comp"], passkey_runs["streaming"]
+    assert f_stream <= f_razor + 0.01
+    assert sum(razor) >= sum(stream)
+
+
+@pytest.mark.xfail(strict=True, reason="measured gap: with SPEC's log(l)-weighted compensation row and a 256-token "
+                   "window, SmolLM2-135M (14/90 retrieval heads) loses most passkeys at 2k tokens (1/8 vs 7/8 for the "
+                   "full cache; 4/8 without the row, 6/8 with 25% retrieval heads and no row)")
+def test_passkey_razor_keeps_full_cache_answers(passkey_runs):
+    full, razor = passkey_runs["full"][0], passkey_runs["razor"][0]
+    assert all(r for f, r in zip(full, razor) if f)
