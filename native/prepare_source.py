@@ -89,12 +89,27 @@ def git_apply(tree: pathlib.Path, patch: pathlib.Path, *args: str) -> bool:
     return subprocess.run(cmd, cwd=tree, env=env, capture_output=True).returncode == 0
 
 
+def applied_prefix(tree: pathlib.Path, series: list[pathlib.Path]) -> int:
+    """How many leading patches of the series the tree already has. Later patches may edit files an
+    earlier one created, so a patch alone cannot be reverse-checked: revert the candidate prefix, last
+    patch first, on a scratch copy of the files the series touches."""
+    files = sorted({f for p in series for f in patch_files(p) if (tree / f).is_file()})
+    for k in range(len(series), 0, -1):
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = pathlib.Path(tmp) / "tree"
+            for f in files:
+                (scratch / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tree / f, scratch / f)
+            scratch.mkdir(exist_ok=True)
+            if all(git_apply(scratch, p, "--reverse") for p in reversed(series[:k])):
+                return k
+    return 0
+
+
 def apply_series(tree: pathlib.Path, series: list[pathlib.Path]) -> None:
-    """Apply each patch; skip one that is already applied, fail naming one that does not apply."""
-    for patch in series:
-        if git_apply(tree, patch, "--check"):
-            git_apply(tree, patch)
-        elif not git_apply(tree, patch, "--reverse", "--check"):
+    """Apply the patches the tree does not have yet; fail naming the first one that does not apply."""
+    for patch in series[applied_prefix(tree, series):]:
+        if not git_apply(tree, patch):
             num = patch.name.split("-", 1)[0]
             raise SourceError(f"patch {patch.name} does not apply to llama.cpp {BASE_COMMIT}: "
                               f"regenerate patch {num} (see tools/refresh_patches.sh)")

@@ -43,25 +43,27 @@ def razor_model(request, smollm2_path, tmp_path_factory):
 
 
 def test_short_run_json(razor_model):
-    r = _bench(razor_model, "--ctx", 256, "--n-decode", 8, "--json")
+    # window 64, ubatch 64: with the model's recommended window (512) and ubatch 512 the local ring would be
+    # larger than a 512-token context, and razor then runs the stock cache
+    r = _bench(razor_model, "--ctx", 512, "--n-decode", 8, "--window", 64, "--n-ubatch", 64, "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)  # one object, nothing else on stdout
     assert {"model", "machine", "settings", "runs", "ratios"} <= set(res)
     assert res["machine"]["n_cores"] >= 1 and res["machine"]["cpu"]
-    assert [(x["mode"], x["ctx"]) for x in res["runs"]] == [("full", 256), ("razor", 256)]
+    assert [(x["mode"], x["ctx"]) for x in res["runs"]] == [("full", 512), ("razor", 512)]
     for run in res["runs"]:
         assert RUN_FIELDS <= set(run)
         assert run["kv_bytes"] > 0 and run["kv_bytes_full_equiv"] > 0
         assert run["prefill_tps"] > 0 and run["decode_tps"] > 0
         assert run["peak_rss_bytes"] > 50 * 2**20  # the model alone is ~100 MB
-        assert (run["n_prompt"], run["n_decode"]) == (256 - 8 - 1, 8)
+        assert (run["n_prompt"], run["n_decode"]) == (512 - 8 - 1, 8)
     full, razor = res["runs"]
     assert full["kv_bytes"] == full["kv_bytes_full_equiv"] == razor["kv_bytes_full_equiv"]
     assert razor["window"] > 0 and razor["retrieval_heads"] > 0 and full["window"] is None
     (q,) = res["ratios"]
-    assert (q["mode"], q["baseline"], q["ctx"]) == ("razor", "full", 256)
+    assert (q["mode"], q["baseline"], q["ctx"]) == ("razor", "full", 512)
     assert q["kv_fraction"] == pytest.approx(razor["kv_bytes"] / full["kv_bytes"])
-    assert "bench: razor at ctx 256" in r.stderr  # progress goes to stderr
+    assert "bench: razor at ctx 512" in r.stderr  # progress goes to stderr
 
 
 def test_kv_bytes_razor_below_full(razor_model):

@@ -282,3 +282,58 @@ def test_prefix_reuse_across_turns_same_tokens(mixed, capsys):
     finally:
         fresh_llm.close()
     assert n_reused > 150 and reused == fresh
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_seq_cp_and_keep(mixed, unified):
+    """Copy a sequence whose early tokens are folded, continue both copies differently, keep one:
+    every continuation equals a fresh run of its own tokens."""
+    import ctypes
+
+    from razor_gguf import Llama  # binds llama_cpp to the patched libraries: before importing it
+
+    import llama_cpp
+
+    _, cfg, _ = mixed
+    prefix = list(_tokens(cfg, 80, seed=20))
+    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
+    host = Llama(model_path=str(mixed[0]), n_ctx=256, verbose=False)
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 512, 128, 16, 2, unified
+    p.type_k = p.type_v = 0
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
+    batch = llama_cpp.llama_batch_init(128, 0, 2)
+    n_vocab = host.n_vocab()
+
+    def decode(items):  # items: (token, pos, seq) -> logits of each
+        for b, (t, pos, s) in enumerate(items):
+            batch.token[b], batch.pos[b], batch.n_seq_id[b], batch.logits[b] = int(t), pos, 1, True
+            batch.seq_id[b][0] = s
+        batch.n_tokens = len(items)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, b), ctypes.POINTER(ctypes.c_float)),
+                                      shape=(n_vocab,)).copy() for b in range(len(items))]
+
+    try:
+        decode([(t, i, 0) for i, t in enumerate(prefix)])
+        mem = llama_cpp.llama_get_memory(ctx)
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
+        n = len(prefix)
+        got = [[], []]
+        for i in range(20):
+            out = decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
+            got[0].append(out[0])
+            got[1].append(out[1])
+        llama_cpp.llama_memory_seq_keep(mem, 1)
+        more = list(_tokens(cfg, 10, seed=23))
+        kept = [decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        host.close()
+    for j in (0, 1):
+        ref = _oracle(mixed, prefix + tails[j])[n:]
+        assert np.abs(np.array(got[j]) - ref).max() < F32_TOL
+    ref = _oracle(mixed, prefix + tails[1] + more)[n + 20:]
+    assert np.abs(np.array(kept) - ref).max() < F32_TOL

@@ -52,7 +52,7 @@ def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
     path = str(smollm2_razor[0])
     kw = dict(n_ctx=1024, n_batch=16, n_ubatch=16, logits_all=True, verbose=False, kv_overrides={"razor.window": 64})
     text = ("A short story about a lighthouse keeper who finds a message in a bottle. The keeper, an old "
-            "man named Elias, has lived alone on the rock for thirty years. ") * 5
+            "man named Elias, has lived alone on the rock for thirty years. ") * 8
     llm = Llama(model_path=path, **kw)
     fresh = Llama(model_path=path, **kw)
     try:
