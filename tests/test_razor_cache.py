@@ -137,7 +137,7 @@ def _llama(path, **kw):
 
 
 def test_trim_recent_tokens_then_continue(mixed):
-    """Trimming the tail unfolds what the window must see again: continuing equals a fresh run."""
+    """Trimming the tail within the ring's margin: continuing equals a fresh run."""
     toks = _tokens(mixed[1], 120, seed=8)
     fresh = llama_logits(mixed[0], toks, n_ctx=512)
     llm = _llama(mixed[0])
@@ -158,7 +158,7 @@ def test_remove_folded_positions_refused(mixed):
         llm.eval(toks)
         mem_rm = llm._ctx.kv_cache_seq_rm
         assert not mem_rm(0, 20, 30), "a hole in the folded history must be refused"
-        # the ring (256 cells) no longer holds position 50's neighbourhood: cannot unfold
+        # the stored sums already hold positions up to ~180: a query at 50 cannot be restored
         assert not mem_rm(0, 50, -1)
         assert mem_rm(0, 395, -1)  # recent: fine
         assert mem_rm(0, 2, -1)  # everything folded goes: the sequence starts over
