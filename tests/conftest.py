@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import pathlib
 import resource
@@ -15,6 +16,15 @@ def smollm2_path() -> str:
     from razor_gguf.models import model_path
 
     return str(model_path("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def golden_recipe():
+    """tools/record_golden.py as a module: the greedy-completion recipe the golden tokens were recorded with."""
+    spec = importlib.util.spec_from_file_location("record_golden", DATA.parents[1] / "tools" / "record_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

@@ -1,30 +1,16 @@
 """razor_gguf.Llama is a drop-in llama_cpp.Llama; without a head map it is stock llama.cpp."""
 
-import importlib.util
-import pathlib
-
 from razor_gguf import Llama  # first: it binds llama_cpp to the patched libraries
 
 import llama_cpp  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("record_golden", ROOT / "tools" / "record_golden.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_is_a_llama_cpp_llama():
     assert issubclass(Llama, llama_cpp.Llama)
 
 
-def test_greedy_completion_matches_unpatched_golden(smollm2_path, golden_smollm2):
-    recipe = _recipe()
-    assert golden_smollm2["request"] == recipe.REQUEST
-    tokens, text = recipe.greedy_completion(Llama, smollm2_path, golden_smollm2["request"])
+def test_greedy_completion_matches_unpatched_golden(smollm2_path, golden_smollm2, golden_recipe):
+    assert golden_smollm2["request"] == golden_recipe.REQUEST
+    tokens, text = golden_recipe.greedy_completion(Llama, smollm2_path, golden_smollm2["request"])
     assert tokens == golden_smollm2["tokens"]
     assert text == golden_smollm2["text"]
 

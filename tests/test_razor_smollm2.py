@@ -1,26 +1,14 @@
 """The razor cache on a real model (SmolLM2 with the head map embed-heads writes): parity with the
-unpatched build where nothing is evicted, prefix reuse across turns, and passkey retrieval."""
+unpatched build where nothing is evicted, exact trims, and passkey retrieval."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
-import re
 
 import pytest
 
 from razor_gguf import Llama, _native  # first: binds llama_cpp to the patched libraries
 from razor_gguf import passkey
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("record_golden", ROOT / "tools" / "record_golden.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("overrides", [
@@ -28,11 +16,11 @@ def _recipe():
     {"razor.window": 400, "razor.retrieval_ratio": 0.5},  # another split of the heads
     {"razor.retrieval_ratio": 1.0},  # every head a retrieval head: the stock cache
 ])
-def test_greedy_tokens_match_unpatched_golden(smollm2_razor, golden_smollm2, overrides):
+def test_greedy_tokens_match_unpatched_golden(smollm2_razor, golden_smollm2, golden_recipe, overrides):
     path = str(smollm2_razor[0])
     # n_ubatch 32 keeps the local ring (4 + 400 + 2 x 32 rows) within the 512-token context
     cls = functools.partial(Llama, kv_overrides=overrides, n_ubatch=32)
-    tokens, text = _recipe().greedy_completion(cls, path, golden_smollm2["request"])
+    tokens, text = golden_recipe.greedy_completion(cls, path, golden_smollm2["request"])
     assert tokens == golden_smollm2["tokens"]
     assert text == golden_smollm2["text"]
 
