@@ -35,6 +35,9 @@ $(VENV)/.deps: pyproject.toml native/prepare_source.py
 	$(PIP) install "torch==2.13.0"
 	# matplotlib: `razor-gguf inspect --plot` (the layer x head heatmap) and its test.
 	$(PIP) install "matplotlib>=3.5"
+	# `razor-gguf serve` (llama-cpp-python's server extra) and the chat/server tests' drivers.
+	$(PIP) install "uvicorn>=0.22.0" "fastapi>=0.100.0" "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" \
+	  "starlette-context>=0.3.6,<0.4" "PyYAML>=5.1" "openai>=1.0" "pexpect>=4.8"
 	$(VPY) -c 'import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36")' 2>/dev/null || \
 	  CMAKE_ARGS="$(BINDING_ARGS)" $(PIP) install "$$($(VPY) native/prepare_source.py --sdist)"
 	touch $@

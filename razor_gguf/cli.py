@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench(sub)
 
+    from .chat import add_subcommand as _add_chat
+
+    _add_chat(sub)
+
+    from .serve import add_subcommand as _add_serve
+
+    _add_serve(sub)
+
     demo = sub.add_parser("demo", help="fetch SmolLM2 and run a short greedy completion")
     demo.set_defaults(func=_cmd_demo)
     return ap

@@ -2,17 +2,179 @@
 
 from __future__ import annotations
 
-from ._native import load_llama_cpp
+import ctypes
+import sys
+from typing import Any
 
-_llama_cpp = load_llama_cpp()
+from . import _native
+
+_llama_cpp = _native.load_llama_cpp()
+
+_GGML_LOG_LEVEL_WARN = 3  # enum ggml_log_level in the pinned ggml.h (DEBUG = 1, INFO = 2, WARN = 3)
+
+
+class RazorUnavailableError(ValueError):
+    """`razor=True` was asked for but the context runs the full (stock) KV cache."""
+
+
+class RazorLogTap:
+    """Collects llama.cpp's `razor:` warnings while a model and context are created.
+
+    The patched library explains every fallback to the stock cache (no head map, sliding-window
+    attention, a window that covers the context, ...) in one WARN line. llama-cpp-python drops
+    warnings when verbose=False, so the wrapper listens in to repeat the reason to the user in one
+    line. Everything else (and, when verbose, those lines too) goes on to llama-cpp-python's callback.
+    """
+
+    def __init__(self, verbose: bool = True) -> None:
+        from llama_cpp import _logger
+
+        self._forward = _logger.llama_log_callback
+        self.lines: list[str] = []
+
+        @_llama_cpp.llama_log_callback
+        def tap(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == _GGML_LOG_LEVEL_WARN and b"razor:" in text:
+                msg = text.decode("utf-8", "replace").strip()
+                self.lines.append(msg.split("razor: ", 1)[-1])
+                if not verbose:
+                    return
+            self._forward(level, text, user_data)
+
+        self._tap = tap  # keep the ctypes callback alive while llama.cpp holds it
+
+    def __enter__(self) -> "RazorLogTap":
+        _llama_cpp.llama_log_set(self._tap, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _llama_cpp.llama_log_set(self._forward, ctypes.c_void_p(0))
+
+
+def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window: int | None = None,
+                    retrieval_ratio: float | None = None, compensation: bool | None = None) -> dict[str, Any]:
+    """The kv_overrides that carry the razor options to the patched llama.cpp (SPEC section 2 keys).
+
+    None leaves a setting to the model's razor.* metadata."""
+    out: dict[str, Any] = {}
+    if razor is not None:
+        out["razor.enabled"] = bool(razor)
+    if n_sink is not None:
+        if int(n_sink) < 0:
+            raise ValueError(f"n_sink must be >= 0, got {n_sink}")
+        out["razor.n_sink"] = int(n_sink)
+    if window is not None:
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        out["razor.window"] = int(window)
+    if retrieval_ratio is not None:
+        if not 0.0 <= float(retrieval_ratio) <= 1.0:
+            raise ValueError(f"retrieval_ratio must be in [0, 1], got {retrieval_ratio}")
+        out["razor.retrieval_ratio"] = float(retrieval_ratio)
+    if compensation is not None:
+        out["razor.compensation"] = bool(compensation)
+    return out
+
+
+def has_head_map(llm) -> bool:
+    """The model file carries a razor head map (written by `razor-gguf embed-heads`)."""
+    return "razor.head_map" in llm.metadata or "razor.version" in llm.metadata
+
+
+def razor_fallback_reason(llm, notes: list[str]) -> str | None:
+    """Why a llama_cpp.Llama on the patched libraries runs the full cache (None: it runs razor).
+
+    notes: the `razor:` warnings llama.cpp logged while the model and context were created."""
+    if _native.kv_bytes(llm._ctx.ctx).razor:
+        return None
+    if not has_head_map(llm):
+        return (f"{llm.model_path} has no razor head map: running the full KV cache "
+                f"(run `razor-gguf embed-heads {llm.model_path} -o OUT.gguf` to add one)")
+    if notes:
+        return f"running the full KV cache: {notes[-1]}"
+    if llm.metadata.get("razor.enabled") == "false":
+        return "razor is disabled in the model's metadata (razor.enabled = false): running the full KV cache"
+    return "running the full KV cache (every KV head is a retrieval head)"
+
+
+def razor_stats(llm) -> dict[str, Any]:
+    """Allocated KV-cache bytes of a llama_cpp.Llama's context by part, the full-cache equivalent and the saving.
+
+    Keys: razor (bool), retrieval_bytes, local_bytes, compensation_bytes, kv_bytes (their sum),
+    full_equiv_bytes, saving (fraction of the full cache not allocated), n_sink, window,
+    retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
+    kb = _native.kv_bytes(llm._ctx.ctx)
+    sw = _native.window(llm._ctx.ctx)
+    hm = _native.head_map(llm._ctx.ctx)
+    return {
+        "razor": kb.razor,
+        "retrieval_bytes": kb.retrieval,
+        "local_bytes": kb.local,
+        "compensation_bytes": kb.compensation,
+        "kv_bytes": kb.total,
+        "full_equiv_bytes": kb.full_equiv,
+        "saving": kb.saving,
+        "n_sink": sw[0] if sw else None,
+        "window": sw[1] if sw else None,
+        "retrieval_heads": sum(hm) if hm else None,
+        "kv_heads": len(hm) if hm else None,
+    }
 
 
 class Llama(_llama_cpp.Llama):
-    """Drop-in replacement for `llama_cpp.Llama` (same constructor, methods and streaming).
+    """Drop-in replacement for `llama_cpp.Llama` (same constructor, methods and streaming) on the
+    razor-patched llama.cpp.
 
-    The only difference so far is the library underneath: the patched llama.cpp build that
-    ships with razor-gguf. With no razor head map in the model it behaves exactly like stock.
+    Razor options (all optional; None keeps what `razor-gguf embed-heads` stored in the model):
+      razor: True requires the razor cache (RazorUnavailableError if the context cannot run it),
+             False runs the full cache, None uses razor when the model has a head map.
+      n_sink, window: sink tokens and recent window kept for the non-retrieval heads.
+      retrieval_ratio: re-select this fraction of KV heads as retrieval heads from the stored scores.
+      compensation: keep the compensation row (SPEC section 1); False keeps only sinks + window.
+
+    A model without a head map runs the full cache, with a one-line notice on stderr.
+    Prefix reuse across calls is llama-cpp-python's: when the razor cache cannot drop the old tail
+    (its tokens were already folded into the compensation row), the prompt is evaluated afresh.
     """
 
+    def __init__(self, model_path: str, *args: Any, razor: bool | None = None, n_sink: int | None = None,
+                 window: int | None = None, retrieval_ratio: float | None = None,
+                 compensation: bool | None = None, **kwargs: Any) -> None:
+        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation)
+        theirs = dict(kwargs.pop("kv_overrides", None) or {})
+        clash = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        if clash:
+            raise ValueError(f"razor options contradict kv_overrides for {', '.join(clash)}")
+        overrides = {**theirs, **ours}
+        with RazorLogTap(verbose=kwargs.get("verbose", True)) as tap:
+            super().__init__(model_path, *args, kv_overrides=overrides or None, **kwargs)
+        self._razor_notes = tap.lines
+        self._razor_check(overrides.get("razor.enabled"))
 
-__all__ = ["Llama"]
+    def close(self) -> None:
+        # Bad razor options raise before llama_cpp.Llama.__init__ has run; its __del__ still calls close().
+        if hasattr(self, "_stack"):
+            super().close()
+
+    # -------------------------------------------------------------------------------------- razor
+
+    @property
+    def razor_active(self) -> bool:
+        """The context runs the razor KV cache (False: the full, stock cache)."""
+        return _native.kv_bytes(self._ctx.ctx).razor
+
+    def _razor_check(self, razor: bool | None) -> None:
+        why = None if razor is False else razor_fallback_reason(self, self._razor_notes)
+        if why is None:
+            return
+        if razor:
+            self.close()
+            raise RazorUnavailableError(why)
+        print(f"razor-gguf: {why}", file=sys.stderr, flush=True)
+
+    def razor_stats(self) -> dict[str, Any]:
+        """Allocated KV-cache bytes by part, the full-cache equivalent and the saving (see razor_stats())."""
+        return razor_stats(self)
+
+
+__all__ = ["Llama", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats"]

@@ -1,0 +1,109 @@
+"""Command-line options shared by the commands that run a model (chat, serve): the razor knobs, the
+context settings, and loading a model with a one-line error for a bad path or file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+class UserError(Exception):
+    """A bad input: the command reports it as one line and exits with status 2."""
+
+
+def _env(name: str, cast, default=None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def _env_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_env_bool.__name__ = "boolean"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None:
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--ctx", type=int, default=default_ctx, metavar="N", help=f"context length (default {default_ctx})")
+    p.add_argument("--n-batch", type=int, default=512, metavar="N", help="prompt tokens per batch (default 512)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (-1: all)")
+    p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
+                   help="flash attention (default on)")
+    g = p.add_argument_group("razor (environment variables RAZOR, RAZOR_N_SINK, RAZOR_WINDOW, "
+                             "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION set the defaults)")
+    g.add_argument("--razor", action=argparse.BooleanOptionalAction, default=None,
+                   help="require (--razor) or turn off (--no-razor) the razor KV cache "
+                        "(default: on when the model has a head map)")
+    g.add_argument("--n-sink", type=int, metavar="N", help="sink tokens kept by local heads (default: the model's)")
+    g.add_argument("--window", type=int, metavar="N", help="recent window kept by local heads (default: the model's)")
+    g.add_argument("--retrieval-ratio", type=float, metavar="R",
+                   help="re-select this fraction of KV heads as retrieval heads from the stored scores")
+    g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
+                   help="the compensation row of evicted tokens (default: on)")
+
+
+def razor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """razor_gguf.Llama's razor options from the flags, falling back to the RAZOR_* environment."""
+    def pick(flag, env, cast):
+        v = getattr(args, flag)
+        return v if v is not None else _env(env, cast)
+
+    return {
+        "razor": pick("razor", "RAZOR", _env_bool),
+        "n_sink": pick("n_sink", "RAZOR_N_SINK", int),
+        "window": pick("window", "RAZOR_WINDOW", int),
+        "retrieval_ratio": pick("retrieval_ratio", "RAZOR_RETRIEVAL_RATIO", float),
+        "compensation": pick("compensation", "RAZOR_COMPENSATION", _env_bool),
+    }
+
+
+def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """llama_cpp.Llama constructor arguments from the model flags."""
+    if args.ctx < 16:
+        raise UserError(f"--ctx must be at least 16, got {args.ctx}")
+    if args.n_batch < 1:
+        raise UserError(f"--n-batch must be at least 1, got {args.n_batch}")
+    kw: dict[str, Any] = {"n_ctx": args.ctx, "n_batch": args.n_batch, "n_gpu_layers": args.n_gpu_layers,
+                          "flash_attn": args.flash_attn}
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        kw["n_threads"] = args.threads
+    return kw
+
+
+def check_model_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file")
+
+
+def load_model(path: str, **kwargs: Any):
+    """razor_gguf.Llama(path, **kwargs), with every load failure turned into a one-line UserError."""
+    check_model_file(path)
+    from .llama import Llama
+
+    try:
+        return Llama(model_path=path, verbose=False, **kwargs)
+    except ValueError as e:  # llama-cpp-python reports load failures and bad options as ValueError
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from None

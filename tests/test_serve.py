@@ -1,0 +1,145 @@
+"""`razor-gguf serve`: a real server process on 127.0.0.1, exercised with the official openai client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_razor, tmp_path_factory):
+    """The server on a free loopback port; razor options from a flag (--n-sink) and the environment (RAZOR_WINDOW)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "RAZOR_WINDOW": "256"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "razor_gguf", "serve", str(smollm2_razor[0]), "--port",
+                                 str(port), "--ctx", "2048", "--n-batch", "128", "--n-sink", "8"],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(base + "/v1/models", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield base, proc, log
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def _alive(server) -> None:
+    assert server[1].poll() is None, server[2].read_text()[-3000:]
+
+
+def test_listens_on_loopback_with_razor_options(server):
+    base, proc, log = server
+    assert "on http://127.0.0.1:" in log.read_text()
+    stats = json.loads(urllib.request.urlopen(base + "/v1/razor/stats").read())
+    assert stats["razor"] is True and stats["model"] == "smollm2-razor"
+    assert (stats["n_sink"], stats["window"]) == (8, 256)  # --n-sink flag, RAZOR_WINDOW environment
+    assert stats["kv_bytes"] < stats["full_equiv_bytes"] and stats["saving"] > 0.3 and stats["n_ctx"] == 2048
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 24
+
+
+def test_streaming(client):
+    stream = client.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=24,
+                                            temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2 and "Paris" in "".join(pieces)
+
+
+def test_two_concurrent_clients(server, client):
+    """Both finish (the second waits for the first; neither stream is cut off)."""
+    results: dict = {}
+
+    def streaming():
+        s = client.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=32,
+                                           temperature=0, stream=True)
+        results["stream"] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+    def plain():
+        other = openai.OpenAI(base_url=server[0] + "/v1", api_key="x", max_retries=0, timeout=120)
+        results["plain"] = other.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=24,
+                                                         temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=streaming), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=180)
+    assert "Paris" in results.get("stream", ""), results
+    assert "Paris" in results.get("plain", ""), results
+    _alive(server)
+
+
+def test_malformed_request_is_a_4xx_and_server_keeps_serving(server, client):
+    req = urllib.request.Request(server[0] + "/v1/chat/completions", data=b'{"messages": [{"role": "user", ',
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400
+    assert "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as e2:
+        client.chat.completions.create(model="smollm2-razor", messages="not a list", max_tokens=4)
+    assert e2.value.status_code == 400 and "messages" in str(e2.value)
+    _alive(server)
+    r = client.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content
+
+
+def test_oversize_prompt_is_a_clear_error_without_crash(server, client):
+    huge = [{"role": "user", "content": "hello " * 3000}]  # > 2048 tokens
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smollm2-razor", messages=huge, max_tokens=8)
+    assert "context length" in str(e.value) and "2048" in str(e.value)
+    _alive(server)
+    r = client.chat.completions.create(model="smollm2-razor", messages=MESSAGES, max_tokens=24, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["/nonexistent/model.gguf"], {}, "no such file"),
+    (["MODEL", "--razor"], {}, "no razor head map"),
+    (["MODEL"], {"RAZOR_WINDOW": "wide"}, "RAZOR_WINDOW='wide' is not a valid int"),
+    (["MODEL", "--port", "70000"], {}, "--port must be in 0..65535"),
+])
+def test_serve_bad_input_is_one_line_exit_2(smollm2_path, args, env, message):
+    args = [smollm2_path if a == "MODEL" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "serve", *args, "--ctx", "512"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, **env})
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
