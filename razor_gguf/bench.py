@@ -26,7 +26,7 @@ MODES = {
     "full_q8_0": (False, 8),
     "razor_q8_0": (True, 8),
 }
-DEFAULT_MODES = "full,razor"
+DEFAULT_MODES = "full,razor,razor_q8_0"
 MIN_CTX = 64
 MIN_PROMPT = 32  # a prefill shorter than this measures overhead, not throughput
 SEED = 0
@@ -55,7 +55,7 @@ def run_one(spec: dict) -> dict:
     import razor_gguf  # noqa: F401  (binds the patched libraries before llama_cpp is imported)
 
     from . import _native
-    from .llama import Llama
+    from .llama import Llama, RazorUnavailableError
 
     razor, kv_type = MODES[spec["mode"]]
     overrides: dict = {"razor.enabled": razor}
@@ -63,20 +63,23 @@ def run_one(spec: dict) -> dict:
         overrides.update(spec["razor_overrides"])
     kw = {"type_k": kv_type, "type_v": kv_type} if kv_type is not None else {}
     n_ctx = spec["ctx"]
-    llm = Llama(
-        model_path=spec["model"], n_ctx=n_ctx, n_batch=spec["n_ubatch"], n_ubatch=spec["n_ubatch"],
-        flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=spec["n_gpu_layers"],
-        kv_overrides=overrides, verbose=False, **kw,
-    )
+    try:
+        # razor=True: a context that cannot run razor raises, with llama.cpp's reason
+        llm = Llama(
+            model_path=spec["model"], n_ctx=n_ctx, n_batch=spec["n_ubatch"], n_ubatch=spec["n_ubatch"],
+            flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=spec["n_gpu_layers"],
+            kv_overrides=overrides, razor=razor, verbose=False, **kw,
+        )
+    except RazorUnavailableError as e:
+        return {"mode": spec["mode"], "ctx": n_ctx, "supported": False, "reason": str(e), "kv_bytes": None,
+                "kv_bytes_full_equiv": None, "prefill_tps": None, "decode_tps": None, "peak_rss_bytes": None}
     kb = _native.kv_bytes(llm._ctx.ctx)
-    if kb.razor != razor:
-        # e.g. razor.enabled=false stored in the file, or an override the library rejected
-        raise RuntimeError(f"the context runs the {'razor' if kb.razor else 'full'} cache, expected {spec['mode']}")
     sink_window = _native.window(llm._ctx.ctx)
     hm = _native.head_map(llm._ctx.ctx)
     run = {
         "mode": spec["mode"],
         "ctx": n_ctx,
+        "supported": True,
         "kv_bytes": kb.total,
         "kv_bytes_full_equiv": kb.full_equiv,
         "prefill_tps": None,
@@ -222,6 +225,7 @@ def _spawn(spec: dict) -> dict:
 def _ratios(runs: list[dict]) -> list[dict]:
     """Every mode against the stock F16 cache ("full") at the same context, when that ran."""
     full = {r["ctx"]: r for r in runs if r["mode"] == "full"}
+    runs = [r for r in runs if r["supported"]]
 
     def div(a, b):
         return a / b if a is not None and b else None
@@ -239,6 +243,9 @@ def format_table(res: dict) -> str:
 
     rows = [("mode", "ctx", "KV MiB", "% of full", "prefill tok/s", "decode tok/s", "peak RSS MiB")]
     for r in res["runs"]:
+        if not r["supported"]:
+            rows.append((r["mode"], str(r["ctx"]), "not run", "-", "-", "-", "-"))
+            continue
         rows.append((r["mode"], str(r["ctx"]), f(r["kv_bytes"] / 2**20, ".1f"),
                      f(100 * r["kv_bytes"] / r["kv_bytes_full_equiv"], ".1f"),
                      f(r["prefill_tps"], ".1f"), f(r["decode_tps"], ".2f"), f(r["peak_rss_bytes"] / 2**20, ".0f")))
@@ -246,6 +253,8 @@ def format_table(res: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.append("(% of full: against a stock cache of the same KV type and context)")
+    for why in sorted({r["reason"] for r in res["runs"] if not r["supported"]}):
+        lines.append(f"not run: {why}")
     for q in res["ratios"]:
         lines.append(f"{q['mode']} vs full at ctx {q['ctx']}: KV x{f(q['kv_fraction'], '.3f')}, "
                      f"prefill x{f(q['prefill_ratio'], '.2f')}, decode x{f(q['decode_speedup'], '.2f')}")
@@ -269,6 +278,9 @@ def bench(args) -> dict:
                           "kv_only": args.kv_only, "n_ubatch": args.n_ubatch, "n_threads": settings["n_threads"],
                           "n_gpu_layers": args.n_gpu_layers, "razor_overrides": overrides})
             res["runs"].append(run)
+            if not run["supported"]:
+                print(f"bench: {mode} at ctx {n}: not run: {run['reason']}", file=sys.stderr, flush=True)
+                continue
             speed = "" if args.kv_only else \
                 f", prefill {run['prefill_tps']:.1f} tok/s, decode {run['decode_tps']:.2f} tok/s"
             print(f"bench: {mode} at ctx {n}: KV {run['kv_bytes'] / 2**20:.1f} MiB{speed} "
@@ -277,13 +289,48 @@ def bench(args) -> dict:
     return res
 
 
+def plot(res: dict, path: str) -> None:
+    """KV MiB, prefill and decode tok/s against context length, one line per mode."""
+    from . import plotting
+
+    plt = plotting.pyplot()
+    panels = [("kv_bytes", "allocated KV cache (MiB)", 2**-20), ("prefill_tps", "prefill tokens/s", 1.0),
+              ("decode_tps", "decode tokens/s", 1.0), ("peak_rss_bytes", "peak resident memory (MiB)", 2**-20)]
+    runs = [r for r in res["runs"] if r["supported"]]
+    if res["settings"]["kv_only"]:
+        panels = panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        for mode in res["settings"]["modes"]:
+            pts = sorted((r["ctx"], r[key] * scale) for r in runs if r["mode"] == mode and r[key] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="context (tokens)", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    m = res["machine"]
+    fig.suptitle(f"{os.path.basename(res['model'])} on {m.get('cpu')} ({m.get('n_cores')} cores, "
+                 f"{res['settings']['n_threads']} threads)", fontsize=9)
+    plotting.save(fig, path)
+
+
 def cmd_bench(args) -> int:
+    from . import plotting
+
     try:
+        if args.plot:
+            try:
+                plotting.preflight(args.plot)
+            except plotting.PlotError as e:
+                raise UserError(str(e)) from None
         res = bench(args)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
         return error("interrupted")
+    if args.plot:
+        plot(res, args.plot)
     print(json.dumps(res) if args.json else format_table(res))
     return 0
 
@@ -306,6 +353,7 @@ def add_subcommand(sub) -> None:
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")
     b.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU backend (default 0)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    b.add_argument("--plot", metavar="OUT.png", help="draw KV bytes, prefill and decode speed against context")
     b.set_defaults(func=cmd_bench)
 
 

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench(sub)
 
+    from .evaluation import add_subcommand as _add_eval
+
+    _add_eval(sub)
+
     from .chat import add_subcommand as _add_chat
 
     _add_chat(sub)

@@ -170,13 +170,12 @@ def format_summary(info: dict, detail: bool = True) -> str:
 
 
 def plot_heads(info: dict, path: str) -> None:
-    try:
-        import matplotlib
+    from . import plotting
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    try:
+        plt = plotting.pyplot()
+    except plotting.PlotError as e:
+        raise UserError(str(e)) from None
     import numpy as np
 
     hm = np.array(info["head_map"])
@@ -194,17 +193,7 @@ def plot_heads(info: dict, path: str) -> None:
     axes[0][0].legend(loc="upper right", fontsize="small")
     fig.suptitle(f"retrieval heads: {info['retrieval_count']} / {L * H} (ratio {info['retrieval_ratio']:.3f})")
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".razor-plot-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    plotting.save(fig, path, dpi=100)
 
 
 def cmd_embed_heads(args) -> int:

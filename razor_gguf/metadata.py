@@ -23,10 +23,8 @@ class MetadataError(Exception):
     """A GGUF that cannot be read or written as asked."""
 
 
-def open_gguf(path: str):
-    """GGUFReader over path, with any failure turned into a one-line MetadataError."""
-    from gguf import GGUFReader
-
+def check_gguf_file(path: str) -> None:
+    """A readable file that starts with the GGUF magic, else a one-line MetadataError."""
     if not os.path.exists(path):
         raise MetadataError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -38,6 +36,13 @@ def open_gguf(path: str):
         raise MetadataError(f"{path}: {e.strerror}") from None
     if magic != b"GGUF":
         raise MetadataError(f"{path}: not a GGUF file")
+
+
+def open_gguf(path: str):
+    """GGUFReader over path, with any failure turned into a one-line MetadataError."""
+    from gguf import GGUFReader
+
+    check_gguf_file(path)
     try:
         reader = GGUFReader(path, "r")
         # Touch the tensor data so a truncated file fails here, not mid-write.

@@ -85,17 +85,12 @@ def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_model_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory")
+    from .metadata import MetadataError, check_gguf_file
+
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file")
+        check_gguf_file(path)
+    except MetadataError as e:
+        raise UserError(str(e)) from None
 
 
 def load_model(path: str, **kwargs: Any):

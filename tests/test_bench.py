@@ -42,28 +42,41 @@ def razor_model(request, smollm2_path, tmp_path_factory):
     return str(out)
 
 
-def test_short_run_json(razor_model):
+def test_short_run_json(razor_model, tmp_path):
     # window 64, ubatch 64: with the model's recommended window (512) and ubatch 512 the local ring would be
     # larger than a 512-token context, and razor then runs the stock cache
-    r = _bench(razor_model, "--ctx", 512, "--n-decode", 8, "--window", 64, "--n-ubatch", 64, "--json")
+    r = _bench(razor_model, "--ctx", 512, "--n-decode", 8, "--window", 64, "--n-ubatch", 64, "--json",
+               "--plot", tmp_path / "bench.png")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)  # one object, nothing else on stdout
     assert {"model", "machine", "settings", "runs", "ratios"} <= set(res)
     assert res["machine"]["n_cores"] >= 1 and res["machine"]["cpu"]
-    assert [(x["mode"], x["ctx"]) for x in res["runs"]] == [("full", 512), ("razor", 512)]
+    assert [(x["mode"], x["ctx"]) for x in res["runs"]] == [("full", 512), ("razor", 512), ("razor_q8_0", 512)]
     for run in res["runs"]:
         assert RUN_FIELDS <= set(run)
         assert run["kv_bytes"] > 0 and run["kv_bytes_full_equiv"] > 0
         assert run["prefill_tps"] > 0 and run["decode_tps"] > 0
         assert run["peak_rss_bytes"] > 50 * 2**20  # the model alone is ~100 MB
         assert (run["n_prompt"], run["n_decode"]) == (512 - 8 - 1, 8)
-    full, razor = res["runs"]
+    full, razor, razor_q8 = res["runs"]
     assert full["kv_bytes"] == full["kv_bytes_full_equiv"] == razor["kv_bytes_full_equiv"]
     assert razor["window"] > 0 and razor["retrieval_heads"] > 0 and full["window"] is None
-    (q,) = res["ratios"]
+    assert razor_q8["kv_bytes"] < razor["kv_bytes"]
+    q, _ = res["ratios"]
     assert (q["mode"], q["baseline"], q["ctx"]) == ("razor", "full", 512)
     assert q["kv_fraction"] == pytest.approx(razor["kv_bytes"] / full["kv_bytes"])
     assert "bench: razor at ctx 512" in r.stderr  # progress goes to stderr
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_razor_that_cannot_run_is_reported_not_fatal(razor_model):
+    # the model's window (512) covers a 512-token context: llama.cpp runs the stock cache and says why
+    r = _bench(razor_model, "--ctx", 512, "--kv-only", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {x["mode"]: x for x in json.loads(r.stdout)["runs"]}
+    assert runs["full"]["supported"] and runs["full"]["kv_bytes"] > 0
+    assert not runs["razor"]["supported"] and "window covers the whole context" in runs["razor"]["reason"]
+    assert runs["razor"]["kv_bytes"] is None
 
 
 def test_kv_bytes_razor_below_full(razor_model):

@@ -1,0 +1,115 @@
+"""Needle in a haystack (RULER's single-needle form): a sentence with a seven-digit "special magic number"
+hidden at a chosen depth in natural English text; the model must repeat the number at the end.
+
+The haystack is prose that ships with every Python: the docstrings of a fixed list of standard-library
+modules and their public members, with code examples and option tables dropped. The text depends only
+on the Python version (recorded in the results), never on the network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+MODULES = ("collections", "json", "textwrap", "argparse", "pathlib", "subprocess", "threading", "logging",
+           "functools", "itertools", "random", "statistics", "datetime", "calendar", "shutil", "tarfile",
+           "zipfile", "csv", "email.message", "http.client", "urllib.request", "unittest", "tempfile",
+           "heapq", "bisect", "decimal", "fractions", "string", "difflib", "pickle", "sqlite3", "socket",
+           "typing", "asyncio", "enum", "dataclasses", "inspect", "contextlib", "copy", "gzip", "mailbox",
+           "optparse", "pprint", "queue", "sched", "smtplib", "traceback", "configparser", "ftplib", "imaplib")
+CITIES = ("Lyon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Lima", "Porto", "Turin", "Kyoto", "Bergen",
+          "Tartu", "Cusco", "Malmo", "Split", "Ghent")
+NEEDLE = "One of the special magic numbers for {city} is: {number}.\n"
+QUESTION = ("\nWhat is the special magic number for {city} mentioned in the provided text?\n"
+            "The special magic number for {city} mentioned in the provided text is")
+INTRO = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
+
+
+def _prose(doc: str) -> str:
+    """Keep the paragraphs of a docstring that read as sentences (no doctest, code or tables)."""
+    keep = []
+    for para in re.split(r"\n\s*\n", doc):
+        lines = para.splitlines()
+        if not lines or any(l.startswith((" ", "\t", ">>>", "...")) or l.count("  ") > 1 for l in lines):
+            continue
+        text = " ".join(l.strip() for l in lines)
+        if len(text) >= 40 and text[-1] in ".:" and sum(c.isalpha() for c in text) > 0.7 * len(text):
+            keep.append(text)
+    return "\n".join(keep)
+
+
+def haystack_text() -> str:
+    """The whole haystack: prose from the docstrings of MODULES, in a fixed order."""
+    parts = []
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # e.g. a Python built without sqlite3
+            continue
+        docs = [inspect.getdoc(mod) or ""]
+        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr, None)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                if getattr(obj, "__module__", None) == mod.__name__:
+                    docs.append(inspect.getdoc(obj) or "")
+        parts.extend(p for p in (_prose(d) for d in docs) if p)
+    return "\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    text: str
+    answer: str  # the magic number
+    city: str
+    depth: float  # 0 = needle first, 1 = needle last
+    n_tokens: int
+
+
+def make_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int, depth: float,
+                city: str, number: str) -> NeedlePrompt:
+    """At most n_tokens tokens: the intro, whole haystack sentences with the needle after the sentence
+    closest to `depth` of them, and the question."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError("depth must be in [0, 1]")
+    sentences = re.findall(r"[^.!?\n]+[.!?]+\s*", haystack)
+    needle = NEEDLE.format(city=city, number=number)
+    question = QUESTION.format(city=city)
+    budget = n_tokens - len(tokenize(INTRO + needle + question))
+    taken, n = [], 0
+    for s in itertools.islice(itertools.cycle(sentences), 20 * n_tokens):  # a long context repeats the text
+        k = len(tokenize(s))
+        if n + k > budget:
+            break
+        taken.append(s)
+        n += k
+    while True:
+        at = round(len(taken) * depth)
+        text = INTRO + "".join(taken[:at]) + needle + "".join(taken[at:]) + question
+        count = len(tokenize(text))
+        if count <= n_tokens or not taken:
+            return NeedlePrompt(text, number, city, depth, count)
+        taken.pop()  # token merges across sentence joins can add a few tokens
+
+
+def make_trials(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int, depths: Sequence[float],
+                seed: int = 0) -> list[NeedlePrompt]:
+    """One needle per depth, each with its own city and random seven-digit number (seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for i, d in enumerate(depths):
+        city = CITIES[(seed + i) % len(CITIES)]
+        out.append(make_prompt(tokenize, haystack, n_tokens, d, city, str(rng.randint(1_000_000, 9_999_999))))
+    return out
+
+
+def is_correct(answer: str, number: str) -> bool:
+    """Exact match: the first number in the answer is the needle's number."""
+    m = re.search(r"\d+", answer.replace(",", ""))
+    return m is not None and m.group(0) == number
