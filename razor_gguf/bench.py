@@ -312,6 +312,7 @@ def plot(res: dict, path: str) -> None:
     m = res["machine"]
     fig.suptitle(f"{os.path.basename(res['model'])} on {m.get('cpu')} ({m.get('n_cores')} cores, "
                  f"{res['settings']['n_threads']} threads)", fontsize=9)
+    fig.tight_layout()
     plotting.save(fig, path)
 
 

@@ -8,6 +8,7 @@ reuse between trials) with greedy decoding, so a run is deterministic for a give
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -48,6 +49,7 @@ class Settings:
     modes: list[str]
     window: int | None = None
     n_sink: int | None = None
+    compensation: bool | None = None  # razor modes only; StreamingLLM never has the row
     n_ubatch: int = 256
     threads: int | None = None
     seed: int = 0
@@ -123,7 +125,7 @@ def modes_for(s: Settings, n_ctx: int) -> list[tuple[Mode, str | None]]:
         out.append((Mode("full", None, {"razor": False}), None))
     if "razor" in s.modes:
         for r in s.ratios:
-            m = Mode("razor", r, {"razor": True, "retrieval_ratio": r})
+            m = Mode("razor", r, {"razor": True, "retrieval_ratio": r, "compensation": s.compensation})
             out.append((m, kv_bytes_of(s, m, n_ctx)[1]))
     if "streaming" in s.modes:
         m, why = streaming_mode(s, n_ctx)
@@ -198,7 +200,7 @@ def _run_head(mode: Mode, st: dict, n_ctx: int) -> dict:
     return {"mode": mode.name, "retrieval_ratio": mode.retrieval_ratio, "supported": True, "ctx": n_ctx,
             "kv_bytes": st["kv_bytes"], "kv_bytes_full_equiv": st["full_equiv_bytes"], "n_sink": st["n_sink"],
             "window": st["window"], "retrieval_heads": st["retrieval_heads"],
-            "compensation": None if mode.name == "full" else mode.razor.get("compensation", True)}
+            "compensation": None if mode.name == "full" else mode.razor.get("compensation") is not False}
 
 
 def kld_tokens(llm, length: int) -> list[int]:
@@ -407,8 +409,8 @@ def settings_from_args(args) -> Settings:
     return Settings(model=args.model, task=args.task, lengths=sorted(set(lengths)),
                     depths=_floats(args.depths, "depths", 0.0, 1.0),
                     ratios=_floats(args.ratios, "ratios", 0.0, 1.0), modes=modes, window=args.window,
-                    n_sink=args.n_sink, n_ubatch=args.n_ubatch, threads=args.threads, seed=args.seed,
-                    progress=not args.no_progress)
+                    n_sink=args.n_sink, compensation=args.compensation, n_ubatch=args.n_ubatch,
+                    threads=args.threads, seed=args.seed, progress=not args.no_progress)
 
 
 def cmd_eval(args) -> int:
@@ -445,6 +447,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--modes", default="full,razor,streaming", help="subset of full,razor,streaming")
     p.add_argument("--window", type=int, help="razor window (default: the model's)")
     p.add_argument("--n-sink", type=int, help="sink tokens (default: the model's)")
+    p.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
+                   help="razor modes: keep the compensation row (default: on, SPEC section 1)")
     p.add_argument("--n-ubatch", type=int, default=256, help="ubatch size (default 256)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys and needles (default 0)")

