@@ -338,7 +338,7 @@ def plot(res: dict, path: str) -> None:
     plt = plotting.pyplot()
     runs = [r for r in res["runs"] if r["supported"]]
     if res["task"] == "kld":
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
         for r in runs:
             if r["mode"] == "full":
                 continue
@@ -357,7 +357,8 @@ def plot(res: dict, path: str) -> None:
         labels = list(dict.fromkeys(_mode_label(r) for r in runs))
         lengths = res["settings"]["lengths"]
         depths = res["settings"]["depths"]
-        fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1, 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 1.5, 3.4), squeeze=False,
+                                 sharey=True, layout="constrained")
         for ax, lab in zip(axes[0], labels):
             grid = np.full((len(depths), len(lengths)), np.nan)
             for r in runs:
@@ -367,6 +368,7 @@ def plot(res: dict, path: str) -> None:
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
             ax.set_xticks(range(len(lengths)), [str(l) for l in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.tick_params(axis="y", labelleft=ax is axes[0][0])
             ax.set(xlabel="prompt tokens", title=lab)
         axes[0][0].set_ylabel("needle depth")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="correct")

@@ -27,6 +27,8 @@ if [[ $what == all || $what == bench ]]; then
 fi
 if [[ $what == all || $what == eval ]]; then
   run kld-smollm2 eval "$SMOL_R" --task kld --ctx 4096 --threads 2 --no-progress --plot "$OUT/kld-smollm2.png"
+  run kld-smollm2-no-compensation eval "$SMOL_R" --task kld --ctx 4096 --ratios 0.15 --modes full,razor \
+    --no-compensation --threads 1 --no-progress
   run passkey-smollm2 eval "$SMOL_R" --task passkey --ctx 1024 --ctx 2048 --ctx 4096 --ctx 8000 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-smollm2.png"
   run niah-smollm2 eval "$SMOL_R" --task niah --ctx 1024 --ctx 2048 --ctx 4096 --depths 0,0.5,1 \
