@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from .cli import error
+from .cli import UserError, error
 
 # mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
 # A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
@@ -30,10 +30,6 @@ DEFAULT_MODES = "full,razor,razor_q8_0"
 MIN_CTX = 64
 MIN_PROMPT = 32  # a prefill shorter than this measures overhead, not throughput
 SEED = 0
-
-
-class UserError(Exception):
-    """A bad input: reported as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------- worker

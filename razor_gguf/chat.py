@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .options import UserError, add_model_arguments, llama_kwargs, load_model, razor_kwargs
+from .cli import UserError
+from .options import add_model_arguments, llama_kwargs, load_model, razor_kwargs
 
 TRANSCRIPT_FORMAT = "razor-gguf-chat/1"
 ROLES = ("system", "user", "assistant")

@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .cli import error
+from .cli import UserError, error
 from .metadata import (
     DEFAULT_N_SINK,
     DEFAULT_WINDOW,
@@ -20,10 +20,6 @@ from .metadata import (
     sha256_file,
     write_with_razor,
 )
-
-
-class UserError(Exception):
-    """A bad input: reported as one line, exit status 2."""
 
 
 def _bar(total, desc, unit="it", **kw):

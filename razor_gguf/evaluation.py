@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .options import UserError
+from .cli import UserError
 
 TASKS = ("passkey", "niah", "kld")
 DEFAULT_LENGTHS = (1024, 2048, 4096)

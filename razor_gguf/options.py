@@ -7,9 +7,7 @@ import argparse
 import os
 from typing import Any
 
-
-class UserError(Exception):
-    """A bad input: the command reports it as one line and exits with status 2."""
+from .cli import UserError
 
 
 def _env(name: str, cast, default=None):

@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any
 
-from .options import UserError, _env, add_model_arguments, check_model_file, llama_kwargs, razor_kwargs
+from .cli import UserError
+from .options import _env, add_model_arguments, check_model_file, llama_kwargs, razor_kwargs
 
 
 def kv_override_strings(razor: dict[str, Any]) -> list[str]:
