@@ -171,19 +171,12 @@ def _check(args) -> tuple[list[str], dict]:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     if args.n_ubatch < 1:
         raise UserError(f"--n-ubatch must be >= 1, got {args.n_ubatch}")
-    overrides = {}
-    if args.window is not None:
-        if args.window < 1:
-            raise UserError(f"--window must be >= 1, got {args.window}")
-        overrides["razor.window"] = args.window
-    if args.n_sink is not None:
-        if args.n_sink < 0:
-            raise UserError(f"--n-sink must be >= 0, got {args.n_sink}")
-        overrides["razor.n_sink"] = args.n_sink
-    if args.retrieval_ratio is not None:
-        if not 0.0 <= args.retrieval_ratio <= 1.0:
-            raise UserError(f"--retrieval-ratio must be between 0 and 1, got {args.retrieval_ratio}")
-        overrides["razor.retrieval_ratio"] = float(args.retrieval_ratio)
+    from .options import razor_overrides  # the same checks and kv_overrides keys as razor_gguf.Llama
+
+    try:
+        overrides = razor_overrides(n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio)
+    except ValueError as e:
+        raise UserError("--" + str(e).replace("_", "-", 1)) from None
 
     try:
         reader = open_gguf(args.model)

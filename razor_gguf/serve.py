@@ -20,7 +20,7 @@ from .options import _env, add_model_arguments, check_model_file, llama_kwargs, 
 
 def kv_override_strings(razor: dict[str, Any]) -> list[str]:
     """razor_gguf.Llama's razor options as llama_cpp.server's `key=type:value` kv_overrides."""
-    from .llama import razor_overrides
+    from .options import razor_overrides
 
     out = []
     for key, value in razor_overrides(**razor).items():
