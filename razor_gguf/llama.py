@@ -140,6 +140,8 @@ class Llama(_llama_cpp.Llama):
         return _native.kv_bytes(self._ctx.ctx).razor
 
     def _razor_check(self, razor: bool | None) -> None:
+        if self.model_params.vocab_only:  # a tokenizer only: no context memory to check
+            return
         why = None if razor is False else razor_fallback_reason(self, self._razor_notes)
         if why is None:
             return

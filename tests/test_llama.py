@@ -32,6 +32,19 @@ def test_create_completion_api(smollm2_path, golden_smollm2):
     assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
 
 
+def test_vocab_only_tokenizer(smollm2_razor, capfd):
+    """llama-cpp-python's tokenizer-only load: no context memory, so nothing about razor to check or say
+    (llama.cpp's own n_ctx_train warning for a vocab-only model is the stock binding's, not ours)."""
+    capfd.readouterr()
+    tok = Llama(model_path=str(smollm2_razor[0]), vocab_only=True, verbose=False)
+    try:
+        ids = tok.tokenize(b"The capital of France", add_bos=False)
+        assert ids and tok.detokenize(ids) == b"The capital of France"
+        assert not [l for l in _stderr_lines(capfd) if "razor" in l]
+    finally:
+        tok.close()
+
+
 def _stderr_lines(capfd) -> list[str]:
     return [l for l in capfd.readouterr().err.splitlines() if l.strip()]
 
