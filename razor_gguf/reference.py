@@ -215,9 +215,14 @@ class ReferenceModel:
         chunk: int = 256,
         want_logits: bool | str = False,
         progress: Callable[[int], None] | None = None,
+        attention: Callable[[int, "object", "object", "object"], "object"] | None = None,
     ):
         """Run the model on `tokens`. Returns None, or with want_logits=True the last token's logits
-        [n_vocab], or with want_logits="all" every position's logits [T, n_vocab]."""
+        [n_vocab], or with want_logits="all" every position's logits [T, n_vocab].
+
+        attention(layer, q, k, v) replaces a layer's causal softmax attention when given (e.g. by the
+        razor oracle): q [n_head, T, d] and k, v [n_head_kv, T, d] after RoPE, returns [n_head, T, d];
+        `hook` is not called for layers it computes."""
         import torch
 
         hp = self.hp
@@ -256,7 +261,9 @@ class ReferenceModel:
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
                 out = torch.empty(hp.n_head_kv, g, T, hd)
-                for s in range(0, T, chunk):
+                if attention is not None:
+                    out[:] = torch.as_tensor(attention(il, q, k, v)).reshape(hp.n_head_kv, g, T, hd)
+                for s in range(0 if attention is None else T, T, chunk):
                     e = min(T, s + chunk)
                     # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
                     k0 = max(0, s - hp.n_swa + 1) if swa else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 from razor_gguf import Llama, _native  # first: binds llama_cpp to the patched libraries
@@ -37,7 +38,6 @@ def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
     bitwise those of a fresh evaluation. Same ubatch boundaries on both sides: llama.cpp's own kernels
     (stock cache too) are not batch-invariant on this quantized model (up to 1.4 logits between sizes 1
     and 512)."""
-    import numpy as np
 
     path = str(smollm2_razor[0])
     kw = dict(n_ctx=1024, n_batch=16, n_ubatch=16, logits_all=True, verbose=False, kv_overrides={"razor.window": 64})
@@ -61,6 +61,62 @@ def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
     finally:
         llm.close()
         fresh.close()
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _kl(p_logits, q_logits) -> float:
+    """Mean KL(p || q) over positions."""
+    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def test_model_scale_oracle(smollm2_razor):
+    """The whole SmolLM2 under SPEC section 1: the PyTorch reference pass with every layer's attention
+    computed by the numpy oracle (razor_gguf.oracle) against the patched llama.cpp, on a ~1k-token prompt
+    with window 256 (most of it evicted). The two differ by what the stock cache and the reference differ
+    by (Q4_1 activation rounding: measured KL 0.0008 vs 0.0007), while razor itself moves the logits by
+    KL 0.04 (measured). A cache without the compensation row is off by KL 0.005 (measured), caught here;
+    off-by-one windows are the tiny-model oracle tests' job (test_razor_cache.py)."""
+    import torch
+    from gguf import GGUFReader
+
+    from razor_gguf.oracle import razor_attention
+    from razor_gguf.reference import ReferenceModel
+
+    path = str(smollm2_razor[0])
+    n_sink, window, last = 4, 256, 64
+    head_map = np.array(GGUFReader(path).get_field("razor.head_map").contents()).reshape(30, 3)
+    cpp = {}
+    for name, ov in (("razor", {"razor.window": window}), ("full", {"razor.enabled": False})):
+        llm = Llama(model_path=path, n_ctx=1280, n_batch=512, n_ubatch=64, logits_all=True, flash_attn=True,
+                    verbose=False, kv_overrides=ov)
+        try:
+            tok = lambda s: llm.tokenize(s.encode(), add_bos=True)
+            toks = tok(passkey.make_prompt(tok, 1024, 0.3, "48213").text)
+            llm.eval(toks)
+            cpp[name] = np.array(llm.scores[len(toks) - last:len(toks)], dtype=np.float64)
+        finally:
+            llm.close()
+
+    def oracle(il, q, k, v):  # reference layout [heads, T, d] <-> oracle layout [T, heads, d]
+        o = razor_attention(q.transpose(0, 1).numpy(), k.transpose(0, 1).numpy(), v.transpose(0, 1).numpy(),
+                            head_map[il], n_sink, window)
+        return torch.from_numpy(o).transpose(0, 1)
+
+    ref = ReferenceModel(path)
+    ref_full = ref.forward(toks, want_logits="all").double().numpy()[-last:]
+    ref_razor = ref.forward(toks, want_logits="all", attention=oracle).double().numpy()[-last:]
+    noise, got, effect = _kl(ref_full, cpp["full"]), _kl(ref_razor, cpp["razor"]), _kl(cpp["full"], cpp["razor"])
+    top1 = float((ref_razor.argmax(-1) == cpp["razor"].argmax(-1)).mean())
+    print(f"\nKL reference/llama.cpp: full {noise:.5f}, razor {got:.5f}; razor vs full {effect:.5f}; "
+          f"razor top-1 agreement {top1:.3f} over {last} positions of {len(toks)}")
+    assert got < max(2 * noise, 0.002)
+    assert effect > 10 * got
+    assert top1 >= 0.95
 
 
 N_PROMPT, N_TRIALS, WINDOW = 2000, 8, 256
@@ -112,8 +168,9 @@ def test_passkey_razor_at_least_streaming_at_equal_memory(passkey_runs):
 
 
 @pytest.mark.xfail(strict=True, reason="measured gap: with SPEC's log(l)-weighted compensation row and a 256-token "
-                   "window, SmolLM2-135M (14/90 retrieval heads) loses most passkeys at 2k tokens (1/8 vs 7/8 for the "
-                   "full cache; 4/8 without the row, 6/8 with 25% retrieval heads and no row)")
+                   "window, SmolLM2-135M loses passkeys at 2k tokens that the full cache keeps: 1/8 vs 7/8 at 14/90 "
+                   "retrieval heads, still 6/8 at 70%; the reference pass under the SPEC oracle agrees (2/8), so it "
+                   "is the method at this scale, not the kernels (4/8 without the row, 8/8 without it at 35%)")
 def test_passkey_razor_keeps_full_cache_answers(passkey_runs):
     full, razor = passkey_runs["full"][0], passkey_runs["razor"][0]
     assert all(r for f, r in zip(full, razor) if f)
