@@ -1,5 +1,6 @@
 """The razor cache on a real model (SmolLM2 with the head map embed-heads writes): parity with the
-unpatched build where nothing is evicted, exact trims, and passkey retrieval."""
+unpatched build where nothing is evicted, exact trims, the SPEC oracle at model scale, and passkey
+retrieval."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from razor_gguf import Llama, _native  # first: binds llama_cpp to the patched libraries
 from razor_gguf import passkey
+from razor_gguf.kld import kl_and_top1
 
 
 @pytest.mark.parametrize("overrides", [
@@ -63,17 +65,6 @@ def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
         fresh.close()
 
 
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def _kl(p_logits, q_logits) -> float:
-    """Mean KL(p || q) over positions."""
-    lp, lq = _log_softmax(p_logits), _log_softmax(q_logits)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-
-
 def test_model_scale_oracle(smollm2_razor):
     """The whole SmolLM2 under SPEC section 1: the PyTorch reference pass with every layer's attention
     computed by the numpy oracle (razor_gguf.oracle) against the patched llama.cpp, on a ~1k-token prompt
@@ -110,8 +101,9 @@ def test_model_scale_oracle(smollm2_razor):
     ref = ReferenceModel(path)
     ref_full = ref.forward(toks, want_logits="all").double().numpy()[-last:]
     ref_razor = ref.forward(toks, want_logits="all", attention=oracle).double().numpy()[-last:]
-    noise, got, effect = _kl(ref_full, cpp["full"]), _kl(ref_razor, cpp["razor"]), _kl(cpp["full"], cpp["razor"])
-    top1 = float((ref_razor.argmax(-1) == cpp["razor"].argmax(-1)).mean())
+    noise = kl_and_top1(ref_full, cpp["full"])[0].mean()
+    got, top1 = (float(x.mean()) for x in kl_and_top1(ref_razor, cpp["razor"]))
+    effect = kl_and_top1(cpp["full"], cpp["razor"])[0].mean()
     print(f"\nKL reference/llama.cpp: full {noise:.5f}, razor {got:.5f}; razor vs full {effect:.5f}; "
           f"razor top-1 agreement {top1:.3f} over {last} positions of {len(toks)}")
     assert got < max(2 * noise, 0.002)
