@@ -260,25 +260,26 @@ class ReferenceModel:
                 k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff)
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
-                out = torch.empty(hp.n_head_kv, g, T, hd)
                 if attention is not None:
-                    out[:] = torch.as_tensor(attention(il, q, k, v)).reshape(hp.n_head_kv, g, T, hd)
-                for s in range(0 if attention is None else T, T, chunk):
-                    e = min(T, s + chunk)
-                    # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
-                    k0 = max(0, s - hp.n_swa + 1) if swa else 0
-                    sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
-                    qi = torch.arange(s, e)[:, None]
-                    kj = torch.arange(k0, e)[None, :]
-                    mask = kj > qi
-                    if swa:
-                        mask = mask | (qi - kj >= hp.n_swa)
-                    sc.masked_fill_(mask, float("-inf"))
-                    pr = torch.softmax(sc, dim=-1)
-                    if hook is not None:
-                        hook(il, s, pr.reshape(hp.n_head, e - s, e - k0), k0)
-                    out[:, :, s:e] = torch.matmul(pr, v[:, None, k0:e])
-                    del sc, pr
+                    out = torch.as_tensor(attention(il, q, k, v), dtype=q.dtype)
+                else:
+                    out = torch.empty(hp.n_head_kv, g, T, hd)
+                    for s in range(0, T, chunk):
+                        e = min(T, s + chunk)
+                        # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
+                        k0 = max(0, s - hp.n_swa + 1) if swa else 0
+                        sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
+                        qi = torch.arange(s, e)[:, None]
+                        kj = torch.arange(k0, e)[None, :]
+                        mask = kj > qi
+                        if swa:
+                            mask = mask | (qi - kj >= hp.n_swa)
+                        sc.masked_fill_(mask, float("-inf"))
+                        pr = torch.softmax(sc, dim=-1)
+                        if hook is not None:
+                            hook(il, s, pr.reshape(hp.n_head, e - s, e - k0), k0)
+                        out[:, :, s:e] = torch.matmul(pr, v[:, None, k0:e])
+                        del sc, pr
                 attn = out.reshape(hp.n_head, T, hd).transpose(0, 1).reshape(T, hp.n_head * hd)
                 attn = attn @ L["wo"].T
                 if "bo" in L:
