@@ -2,7 +2,8 @@
 # Compile check of the patch series with the CUDA backend, on a machine with the CUDA toolkit (nvcc) but
 # possibly no GPU and no driver: configures the project's own CMakeLists (the path `CMAKE_ARGS=-DGGML_CUDA=ON
 # make setup` takes) and builds libllama, which links ggml-cuda. Nothing is installed.
-# usage: tools/check_cuda_build.sh [BUILD_DIR] [CUDA_ARCH]   (defaults: build/cuda-check, 90)
+# usage: tools/check_cuda_build.sh [BUILD_DIR] [CUDA_ARCH] [CMAKE_ARG ...]   (defaults: build/cuda-check, 90)
+# e.g. `tools/check_cuda_build.sh build/cuda 90-real -DGGML_NATIVE=OFF` for libraries to carry to another machine.
 # Without a driver, libcuda.so is replaced by an empty stub for the link only (the result cannot run
 # here); without cuBLAS in the toolkit, the nvidia-cublas wheel (CUBLAS_WHEEL) goes into BUILD_DIR/cublas-venv.
 # On 2 CPU cores this takes one to two hours (ggml-cuda's template instances); on 16, about ten minutes.
@@ -10,13 +11,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build/cuda-check}
 arch=${2:-90}
+shift $(( $# < 2 ? $# : 2 ))
 command -v nvcc >/dev/null || { echo "check_cuda_build: nvcc not found (install the CUDA toolkit)" >&2; exit 2; }
 cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 py=.venv/bin/python
 [ -x "$py" ] || { echo "check_cuda_build: run \`make setup\` first" >&2; exit 2; }
 mkdir -p "$build"
 build=$(cd "$build" && pwd)
-args=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$arch" -DCMAKE_BUILD_TYPE=Release)
+args=(-DGGML_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$arch" -DCMAKE_BUILD_TYPE=Release "$@")
 
 if ! ls "$cuda_home"/lib*/libcublas.so* "$cuda_home"/targets/*/lib/libcublas.so* >/dev/null 2>&1; then
   cu_ver=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
@@ -32,7 +34,8 @@ if ! ls "$cuda_home"/lib*/libcublas.so* "$cuda_home"/targets/*/lib/libcublas.so*
          "-DCMAKE_CUDA_FLAGS=-I$nv/include" "-DCMAKE_CXX_FLAGS=-I$nv/include")
 fi
 if ! ldconfig -p | grep -q 'libcuda\.so\b' && ! ls "$cuda_home"/lib*/stubs/libcuda.so >/dev/null 2>&1; then
-  gcc -shared -x c - -o "$build/libcuda-stub.so" < /dev/null
+  # the driver's soname, so that the libraries look for the real libcuda.so.1 where they run
+  gcc -shared -Wl,-soname,libcuda.so.1 -x c - -o "$build/libcuda-stub.so" < /dev/null
   args+=("-DCUDA_cuda_driver_LIBRARY=$build/libcuda-stub.so")
 fi
 

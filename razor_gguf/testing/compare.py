@@ -59,6 +59,7 @@ def multi_seq_logits(
     chunk: int = 8,
     n_ubatch: int = 16,
     kv_overrides: dict | None = None,
+    n_gpu_layers: int = 0,
 ) -> list[npt.NDArray[np.float64]]:
     """Logits of several sequences decoded side by side in one context (n_seq_max = len(seqs)):
     every llama_decode carries the next `chunk` tokens of each unfinished sequence, so ubatches
@@ -67,7 +68,8 @@ def multi_seq_logits(
 
     from razor_gguf import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx_seq, verbose=False, kv_overrides=kv_overrides)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx_seq, verbose=False, kv_overrides=kv_overrides,
+                n_gpu_layers=n_gpu_layers)
     import llama_cpp
 
     n = len(seqs)

@@ -36,10 +36,11 @@ class TinyConfig:
     seed: int = 0
     f16: bool = False  # matrices in f16 (norm weights stay f32, as llama.cpp requires)
     qk_gain: float = 2.0  # >1 sharpens attention so eviction visibly changes the outputs
+    n_filler: int = 0  # plain tokens after the byte tokens: a real model's vocab size, for speed runs
 
     @property
     def n_vocab(self) -> int:
-        return N_SPECIAL + 256
+        return N_SPECIAL + 256 + self.n_filler
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(
     w.add_tokenizer_model("llama")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    tokens += [f"<filler_{i}>" for i in range(cfg.n_filler)]
+    types += [TokenType.NORMAL] * cfg.n_filler
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * len(tokens))
     w.add_token_types(types)
@@ -185,6 +188,7 @@ def config_from_gguf(path: str | os.PathLike[str]) -> TinyConfig:
         n_ctx_train=int(val("llama.context_length")),
         rope_base=float(val("llama.rope.freq_base")),
         rms_eps=float(val("llama.attention.layer_norm_rms_epsilon")),
+        n_filler=len(r.fields["tokenizer.ggml.tokens"].data) - N_SPECIAL - 256,
     )
 
 

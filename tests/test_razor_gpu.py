@@ -1,0 +1,236 @@
+"""The razor KV cache on a GPU backend: the oracle, parity, sequence and state checks of
+test_razor_cache.py with every layer and both caches offloaded (n_gpu_layers=-1). Skipped unless the
+patched libraries have a GPU backend and a device is present: CI has none; tools/gpu_check.sh runs these
+on a GPU machine.
+
+Tolerance: GPU kernels round differently from the CPU (tensor-core matmuls, flash attention in f16) and
+pick different kernels for different batch sizes, so checks against the oracle are held to max(F16_TOL,
+2x the error the stock cache makes against the stock oracle in the same configuration on the same device),
+and checks between two runs of the device to F16_TOL; run with -s to see the measured errors. Dropping the
+compensation row or misplacing the window moves these logits by more than 1
+(test_razor_cache.py::test_oracle_differs_from_stock), far above either.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_razor_cache import MIXED, _model, _oracle, _tokens
+
+from razor_gguf.testing import tiny_forward as tf
+from razor_gguf.testing.compare import F16_TOL, llama_logits, multi_seq_logits
+
+GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 2, 8
+GPU = {"n_gpu_layers": -1}
+
+
+def _gpu_offload() -> bool:
+    from razor_gguf import _native
+
+    try:
+        llama_cpp = _native.load_llama_cpp()
+    except _native.NativeLibraryError:
+        return False  # the CPU tests report a broken build
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+pytestmark = pytest.mark.skipif(not _gpu_offload(), reason="no GPU backend or no GPU device")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    return _model(tmp_path_factory, "mixed", MIXED)
+
+
+@pytest.fixture(scope="module")
+def mixed64(tmp_path_factory):
+    return _model(tmp_path_factory, "mixed64", MIXED, head_dim=64)
+
+
+def _check(what, got, ref, model, toks, **kw):
+    """razor on the GPU against the SPEC oracle, at the tolerance the stock cache earns on the same device."""
+    stock = llama_logits(model[0], toks, kv_overrides={"razor.enabled": False}, **GPU, **kw)
+    stock_err = np.abs(stock - tf.forward(model[2], model[1], toks)).max()
+    err = np.abs(got - ref).max()
+    tol = max(F16_TOL, 2 * stock_err)
+    print(f"\n{what}: razor vs oracle {err:.3g}, stock vs stock oracle {stock_err:.3g} (tolerance {tol:.3g})")
+    assert err < tol, what
+
+
+def test_kv_cache_is_on_the_gpu(mixed, capfd):
+    from razor_gguf import Llama, _native
+
+    llm = Llama(model_path=str(mixed[0]), n_ctx=512, verbose=True, **GPU)
+    try:
+        assert _native.kv_bytes(llm._ctx.ctx).razor
+    finally:
+        llm.close()
+    err = capfd.readouterr().err
+    kv_lines = [ln for ln in err.splitlines() if "KV buffer size" in ln]
+    print("\n" + "\n".join(kv_lines))
+    assert kv_lines and all("CPU" not in ln for ln in kv_lines), "both caches live in device memory"
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("n_ubatch", [1, 7, 16])
+def test_matches_oracle_f32(mixed, flash_attn, n_ubatch):
+    toks = _tokens(mixed[1], 100)
+    kw = dict(flash_attn=flash_attn, n_batch=16, n_ubatch=n_ubatch)
+    got = llama_logits(mixed[0], toks, **GPU, **kw)
+    _check(f"f32 KV, FA {flash_attn}, ubatch {n_ubatch}", got, _oracle(mixed, toks), mixed, toks, **kw)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_matches_oracle_f16(mixed64, flash_attn):
+    toks = _tokens(mixed64[1], 120, seed=2)
+    kw = dict(flash_attn=flash_attn, f32_kv=False)
+    got = llama_logits(mixed64[0], toks, **GPU, **kw)
+    _check(f"f16 KV, FA {flash_attn}", got, _oracle(mixed64, toks), mixed64, toks, **kw)
+
+
+@pytest.mark.parametrize("qtype", [GGML_TYPE_Q8_0, GGML_TYPE_Q4_0])
+def test_matches_oracle_quantized(mixed64, qtype):
+    toks = _tokens(mixed64[1], 120, seed=3)
+    kw = dict(flash_attn=True, f32_kv=False, type_k=qtype, type_v=qtype)
+    got = llama_logits(mixed64[0], toks, **GPU, **kw)
+    _check(f"KV type {qtype}", got, _oracle(mixed64, toks), mixed64, toks, **kw)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_prefill_equals_decode(mixed, flash_attn):
+    toks = _tokens(mixed[1], 80, seed=4)
+    one_shot = llama_logits(mixed[0], toks, n_batch=32, n_ubatch=32, flash_attn=flash_attn, **GPU)
+    decode = llama_logits(mixed[0], toks, n_batch=1, n_ubatch=1, flash_attn=flash_attn, **GPU)
+    diff = np.abs(one_shot - decode).max()
+    print(f"\nFA {flash_attn}: prefill vs decode {diff:.3g}")
+    assert diff < F16_TOL
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_window_covering_context_is_stock(mixed, flash_attn):
+    """Parity on the device: the split path with nothing to evict gives the stock cache's logits."""
+    from razor_gguf import _native
+
+    toks = _tokens(mixed[1], 100, seed=7)
+    kw = dict(n_ctx=512, flash_attn=flash_attn, **GPU)
+    razor = llama_logits(mixed[0], toks, kv_overrides={"razor.window": 200}, **kw)
+    stock = llama_logits(mixed[0], toks, kv_overrides={"razor.enabled": False}, **kw)
+    diff = np.abs(razor - stock).max()
+    print(f"\nwindow 200 over 100 tokens, FA {flash_attn}: razor vs stock {diff:.3g}")
+    assert diff < F16_TOL
+    assert (razor.argmax(-1) == stock.argmax(-1)).all()
+    llm = _llama(mixed[0], kv_overrides={"razor.window": 200})
+    try:
+        assert _native.kv_bytes(llm._ctx.ctx).razor  # the split path really ran
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_multiple_sequences(mixed, unified):
+    seqs = [list(_tokens(mixed[1], 100, seed=5)), list(_tokens(mixed[1], 60, seed=6))]
+    outs = multi_seq_logits(mixed[0], seqs, unified=unified, **GPU)
+    for out, s in zip(outs, seqs):
+        err = np.abs(out - _oracle(mixed, s)).max()
+        print(f"\nunified {unified}, {len(s)} tokens: razor vs oracle {err:.3g}")
+        assert err < F16_TOL
+
+
+def _llama(path, **kw):
+    from razor_gguf import Llama
+
+    return Llama(model_path=str(path), n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True, type_k=0, type_v=0,
+                 verbose=False, **GPU, **kw)
+
+
+def test_state_save_load_round_trip(mixed):
+    toks = list(_tokens(mixed[1], 140, seed=13))
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(toks[:100])
+        state = llm.save_state()
+        llm.eval(toks[100:])
+        first = np.array(llm.scores[100:140])
+        llm.eval(list(_tokens(mixed[1], 30, seed=14)))
+        llm.load_state(state)
+        llm.eval(toks[100:])
+        diff = np.abs(np.array(llm.scores[100:140]) - first).max()
+    finally:
+        llm.close()
+    print(f"\nsave/load: {diff:.3g}")
+    assert diff < F16_TOL
+
+
+def test_reset_and_trim_then_continue(mixed):
+    """reset() and seq_rm of recent tokens rewrite the compensation state on the device: continuing must
+    equal a fresh run."""
+    toks = _tokens(mixed[1], 120, seed=8)
+    fresh = llama_logits(mixed[0], toks, n_ctx=512, **GPU)
+    llm = _llama(mixed[0])
+    try:
+        llm.eval(list(_tokens(mixed[1], 150, seed=12)))
+        llm.reset()
+        llm.eval(list(toks[:100]) + list(_tokens(mixed[1], 12, seed=9)))
+        assert llm._ctx.kv_cache_seq_rm(-1, 100, -1)
+        llm.n_tokens = 100
+        llm.eval(list(toks[100:]))
+        diff = np.abs(np.array(llm.scores[:120]) - fresh).max()
+    finally:
+        llm.close()
+    print(f"\nreset + trim: {diff:.3g}")
+    assert diff < F16_TOL
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_seq_cp_and_keep(mixed, unified):
+    """seq_cp copies the compensation sums outside the graph (ggml_backend_tensor_set): on an asynchronous
+    backend the copy must be complete before the next decode reads it."""
+    import ctypes
+
+    from razor_gguf import Llama
+
+    import llama_cpp
+
+    _, cfg, _ = mixed
+    prefix = list(_tokens(cfg, 80, seed=20))
+    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
+    host = Llama(model_path=str(mixed[0]), n_ctx=256, verbose=False, **GPU)
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 512, 128, 16, 2, unified
+    p.type_k = p.type_v = 0
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
+    batch = llama_cpp.llama_batch_init(128, 0, 2)
+    n_vocab = host.n_vocab()
+
+    def decode(items):
+        for b, (t, pos, s) in enumerate(items):
+            batch.token[b], batch.pos[b], batch.n_seq_id[b], batch.logits[b] = int(t), pos, 1, True
+            batch.seq_id[b][0] = s
+        batch.n_tokens = len(items)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return [np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, b), ctypes.POINTER(ctypes.c_float)),
+                                      shape=(n_vocab,)).copy() for b in range(len(items))]
+
+    try:
+        decode([(t, i, 0) for i, t in enumerate(prefix)])
+        mem = llama_cpp.llama_get_memory(ctx)
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
+        n = len(prefix)
+        got = [[], []]
+        for i in range(20):
+            out = decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
+            got[0].append(out[0])
+            got[1].append(out[1])
+        llama_cpp.llama_memory_seq_keep(mem, 1)
+        more = list(_tokens(cfg, 10, seed=23))
+        kept = [decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        host.close()
+    errs = [np.abs(np.array(got[j]) - _oracle(mixed, prefix + tails[j])[n:]).max() for j in (0, 1)]
+    errs.append(np.abs(np.array(kept) - _oracle(mixed, prefix + tails[1] + more)[n + 20:]).max())
+    print(f"\nunified {unified}: copies vs oracle {errs[0]:.3g}, {errs[1]:.3g}; kept {errs[2]:.3g}")
+    assert max(errs) < F16_TOL
+
