@@ -194,7 +194,7 @@ def test_seq_cp_and_keep(mixed, unified):
     _, cfg, _ = mixed
     prefix = list(_tokens(cfg, 80, seed=20))
     tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
-    host = Llama(model_path=str(mixed[0]), n_ctx=256, verbose=False, **GPU)
+    host = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, verbose=False, **GPU)
     p = llama_cpp.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 512, 128, 16, 2, unified
     p.type_k = p.type_v = 0
@@ -234,3 +234,50 @@ def test_seq_cp_and_keep(mixed, unified):
     print(f"\nunified {unified}: copies vs oracle {errs[0]:.3g}, {errs[1]:.3g}; kept {errs[2]:.3g}")
     assert max(errs) < F16_TOL
 
+
+
+def test_seq_rm_waits_for_the_graph(mixed):
+    """llama_decode returns while the device still runs its last graph, which updates the compensation
+    sums; a seq_rm straight after it (no output read in between) resets those sums and must wait for it,
+    or the next sequence starts from stale sums."""
+    import ctypes
+
+    from razor_gguf import Llama
+
+    import llama_cpp
+
+    _, cfg, _ = mixed
+    first, second = list(_tokens(cfg, 600, seed=30)), list(_tokens(cfg, 300, seed=31))
+    host = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, verbose=False, **GPU)
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx, p.n_batch, p.n_ubatch = 2048, 1024, 256  # ring 4 + 16 + 2 x 256 cells: still razor at 2048
+    p.type_k = p.type_v = 0
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
+    batch = llama_cpp.llama_batch_init(1024, 0, 1)
+    n_vocab = host.n_vocab()
+
+    def decode(toks):
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(t), i, 1, True
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(toks)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+
+    try:
+        from razor_gguf import _native
+
+        assert _native.kv_bytes(ctx).razor
+        decode(first)
+        assert llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
+        decode(second)
+        got = np.array([np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, i),
+                                                          ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+                        for i in range(len(second))])
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        host.close()
+    err = np.abs(got - _oracle(mixed, second)).max()
+    print(f"\nseq_rm right after decode, next sequence vs oracle {err:.3g}")
+    assert err < F16_TOL
