@@ -25,7 +25,9 @@ tests_rc=${PIPESTATUS[0]}
 
 model=${BENCH_MODEL:-}
 if [ -z "$model" ]; then
-  model="$out/smollm2-twin.gguf"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  model="$tmp/smollm2-twin.gguf"
   # 14 of 90 KV heads retrieval (SmolLM2 at a 15% ratio), spread over layers by a fixed seed
   head_map=$("$py" -c 'import numpy as np; m = np.zeros(90, int); m[np.random.default_rng(0).choice(90, 14, replace=False)] = 1; print(",".join(map(str, m)))')
   "$py" tools/make_tiny_model.py "$model" --n-layer 30 --n-embd 576 --n-head 9 --n-head-kv 3 --head-dim 64 \
@@ -38,5 +40,4 @@ bench=("$py" -m razor_gguf bench "$model" "${ctx_args[@]}" --modes full,razor,fu
 "${bench[@]}" --json > "$out/bench.json" || exit 1
 "$py" -c 'import json, sys; from razor_gguf.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))' \
   "$out/bench.json" | tee "$out/bench.txt"
-[ "$model" = "$out/smollm2-twin.gguf" ] && rm -f "$model"
 exit "$tests_rc"
