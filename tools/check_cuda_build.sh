@@ -33,15 +33,20 @@ if ! ls "$cuda_home"/lib*/libcublas.so* "$cuda_home"/targets/*/lib/libcublas.so*
          "-DCUDA_cublasLt_LIBRARY=$(ls "$nv"/lib/libcublasLt.so.* | head -1)"
          "-DCMAKE_CUDA_FLAGS=-I$nv/include" "-DCMAKE_CXX_FLAGS=-I$nv/include")
 fi
-if ! ldconfig -p | grep -q 'libcuda\.so\b' && ! ls "$cuda_home"/lib*/stubs/libcuda.so >/dev/null 2>&1; then
+if ! ldconfig -p | grep 'libcuda\.so\b' >/dev/null && ! ls "$cuda_home"/lib*/stubs/libcuda.so >/dev/null 2>&1; then
   # the driver's soname, so that the libraries look for the real libcuda.so.1 where they run
   gcc -shared -Wl,-soname,libcuda.so.1 -x c - -o "$build/libcuda-stub.so" < /dev/null
-  args+=("-DCUDA_cuda_driver_LIBRARY=$build/libcuda-stub.so")
+  # --no-as-needed: the stub defines nothing, and linkers that default to --as-needed (Debian's, Ubuntu's)
+  # would drop it, leaving ggml-cuda's driver calls (cuMemCreate, ...) unresolved where it runs
+  args+=("-DCUDA_cuda_driver_LIBRARY=$build/libcuda-stub.so" "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed")
 fi
 
 .venv/bin/cmake -S . -B "$build" -G Ninja -DCMAKE_MAKE_PROGRAM="$PWD/.venv/bin/ninja" "${args[@]}"
 .venv/bin/ninja -C "$build" llama
 lib="$build/bin/libllama.so"
-readelf -d "$lib" | grep -q 'libggml-cuda' || { echo "check_cuda_build: $lib does not link ggml-cuda" >&2; exit 1; }
-nm -D "$lib" | grep -q ' T llama_razor_kv_bytes$' || { echo "check_cuda_build: razor entry points missing" >&2; exit 1; }
+needs() { readelf -d "$build/bin/$1" | grep "NEEDED.*\[$2" >/dev/null; }  # no -q: an early exit fails the pipe
+needs libllama.so libggml.so && needs libggml.so libggml-cuda.so ||
+  { echo "check_cuda_build: $lib does not load ggml-cuda (through libggml)" >&2; exit 1; }
+needs libggml-cuda.so libcuda.so.1 || { echo "check_cuda_build: libggml-cuda.so does not load the driver" >&2; exit 1; }
+nm -D "$lib" | grep ' T llama_razor_kv_bytes$' >/dev/null || { echo "check_cuda_build: razor entry points missing" >&2; exit 1; }
 echo "check_cuda_build: OK: $lib links ggml-cuda (sm_$arch) and exports the razor entry points"
