@@ -28,10 +28,11 @@ if [ -z "$model" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   model="$tmp/smollm2-twin.gguf"
+  n_train=$(printf '%s\n' 8192 "$@" | sort -n | tail -1)
   # 14 of 90 KV heads retrieval (SmolLM2 at a 15% ratio), spread over layers by a fixed seed
   head_map=$("$py" -c 'import numpy as np; m = np.zeros(90, int); m[np.random.default_rng(0).choice(90, 14, replace=False)] = 1; print(",".join(map(str, m)))')
   "$py" tools/make_tiny_model.py "$model" --n-layer 30 --n-embd 576 --n-head 9 --n-head-kv 3 --head-dim 64 \
-    --n-ff 1536 --n-vocab 49152 --n-ctx-train 65536 --f16 --head-map "$head_map" --n-sink 4 --window 512 || exit 1
+    --n-ff 1536 --n-vocab 49152 --n-ctx-train "$n_train" --f16 --head-map "$head_map" --n-sink 4 --window 512 || exit 1
 fi
 ctx_args=()
 for n in "$@"; do ctx_args+=(--ctx "$n"); done
