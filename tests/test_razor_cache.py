@@ -16,7 +16,7 @@ import pytest
 
 from razor_gguf.testing import tiny_forward as tf
 from razor_gguf.testing import tiny_model as tm
-from razor_gguf.testing.compare import F16_TOL, F32_TOL, llama_logits, multi_seq_logits
+from razor_gguf.testing.compare import F16_TOL, F32_TOL, RawContext, llama_logits, multi_seq_logits
 
 GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 2, 8
 SINK, WINDOW = 4, 16
@@ -127,6 +127,28 @@ def test_window_covering_context_is_stock(mixed):
     finally:
         llm.close()
     assert np.abs(stock - tf.forward(mixed[2], mixed[1], toks)).max() < F32_TOL
+
+
+def copy_continue_keep(model, unified, **kw):
+    """Decode 80 tokens in sequence 0, seq_cp it to 1, decode 20 different tokens in each (one batch per
+    position), seq_keep 1 and decode 10 more. Returns the logits of both continuations, of the kept one,
+    and the tokens. kw goes to RawContext (e.g. n_gpu_layers)."""
+    _, cfg, _ = model
+    prefix = list(_tokens(cfg, 80, seed=20))
+    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
+    more = list(_tokens(cfg, 10, seed=23))
+    n = len(prefix)
+    with RawContext(model[0], n_ctx=512, n_batch=128, n_ubatch=16, n_seq_max=2, unified=unified, **kw) as rc:
+        rc.decode([(t, i, 0) for i, t in enumerate(prefix)])
+        rc.seq_cp(0, 1)
+        got = [[], []]
+        for i in range(20):
+            out = rc.decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
+            got[0].append(out[0])
+            got[1].append(out[1])
+        rc.seq_keep(1)
+        kept = [rc.decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
+    return got, kept, (prefix, tails, more)
 
 
 def _llama(path, **kw):
@@ -288,50 +310,8 @@ def test_prefix_reuse_across_turns_same_tokens(mixed, capsys):
 def test_seq_cp_and_keep(mixed, unified):
     """Copy a sequence whose early tokens are folded, continue both copies differently, keep one:
     every continuation equals a fresh run of its own tokens."""
-    import ctypes
-
-    from razor_gguf import Llama  # binds llama_cpp to the patched libraries: before importing it
-
-    import llama_cpp
-
-    _, cfg, _ = mixed
-    prefix = list(_tokens(cfg, 80, seed=20))
-    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
-    host = Llama(model_path=str(mixed[0]), n_ctx=256, verbose=False)
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 512, 128, 16, 2, unified
-    p.type_k = p.type_v = 0
-    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
-    batch = llama_cpp.llama_batch_init(128, 0, 2)
-    n_vocab = host.n_vocab()
-
-    def decode(items):  # items: (token, pos, seq) -> logits of each
-        for b, (t, pos, s) in enumerate(items):
-            batch.token[b], batch.pos[b], batch.n_seq_id[b], batch.logits[b] = int(t), pos, 1, True
-            batch.seq_id[b][0] = s
-        batch.n_tokens = len(items)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        return [np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, b), ctypes.POINTER(ctypes.c_float)),
-                                      shape=(n_vocab,)).copy() for b in range(len(items))]
-
-    try:
-        decode([(t, i, 0) for i, t in enumerate(prefix)])
-        mem = llama_cpp.llama_get_memory(ctx)
-        llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
-        n = len(prefix)
-        got = [[], []]
-        for i in range(20):
-            out = decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
-            got[0].append(out[0])
-            got[1].append(out[1])
-        llama_cpp.llama_memory_seq_keep(mem, 1)
-        more = list(_tokens(cfg, 10, seed=23))
-        kept = [decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        host.close()
+    got, kept, (prefix, tails, more) = copy_continue_keep(mixed, unified)
+    n = len(prefix)
     for j in (0, 1):
         ref = _oracle(mixed, prefix + tails[j])[n:]
         assert np.abs(np.array(got[j]) - ref).max() < F32_TOL

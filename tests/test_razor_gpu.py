@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_razor_cache import MIXED, _model, _oracle, _tokens
+from test_razor_cache import MIXED, _model, _oracle, _tokens, copy_continue_keep
 
 from razor_gguf.testing import tiny_forward as tf
-from razor_gguf.testing.compare import F16_TOL, llama_logits, multi_seq_logits
+from razor_gguf.testing.compare import F16_TOL, RawContext, llama_logits, multi_seq_logits
 
 GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 2, 8
 GPU = {"n_gpu_layers": -1}
@@ -185,101 +185,30 @@ def test_reset_and_trim_then_continue(mixed):
 
 @pytest.mark.parametrize("unified", [False, True])
 def test_seq_cp_and_keep(mixed, unified):
-    """seq_cp copies the compensation sums outside the graph (ggml_backend_tensor_set): on an asynchronous
-    backend the copy must be complete before the next decode reads it."""
-    import ctypes
-
-    from razor_gguf import Llama
-
-    import llama_cpp
-
-    _, cfg, _ = mixed
-    prefix = list(_tokens(cfg, 80, seed=20))
-    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
-    host = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, verbose=False, **GPU)
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = 512, 128, 16, 2, unified
-    p.type_k = p.type_v = 0
-    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
-    batch = llama_cpp.llama_batch_init(128, 0, 2)
-    n_vocab = host.n_vocab()
-
-    def decode(items):
-        for b, (t, pos, s) in enumerate(items):
-            batch.token[b], batch.pos[b], batch.n_seq_id[b], batch.logits[b] = int(t), pos, 1, True
-            batch.seq_id[b][0] = s
-        batch.n_tokens = len(items)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        return [np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, b), ctypes.POINTER(ctypes.c_float)),
-                                      shape=(n_vocab,)).copy() for b in range(len(items))]
-
-    try:
-        decode([(t, i, 0) for i, t in enumerate(prefix)])
-        mem = llama_cpp.llama_get_memory(ctx)
-        llama_cpp.llama_memory_seq_cp(mem, 0, 1, -1, -1)
-        n = len(prefix)
-        got = [[], []]
-        for i in range(20):
-            out = decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
-            got[0].append(out[0])
-            got[1].append(out[1])
-        llama_cpp.llama_memory_seq_keep(mem, 1)
-        more = list(_tokens(cfg, 10, seed=23))
-        kept = [decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        host.close()
+    """seq_cp copies the compensation sums outside the graph (ggml_backend_tensor_get/set), on a device
+    buffer here."""
+    got, kept, (prefix, tails, more) = copy_continue_keep(mixed, unified, **GPU)
+    n = len(prefix)
     errs = [np.abs(np.array(got[j]) - _oracle(mixed, prefix + tails[j])[n:]).max() for j in (0, 1)]
     errs.append(np.abs(np.array(kept) - _oracle(mixed, prefix + tails[1] + more)[n + 20:]).max())
     print(f"\nunified {unified}: copies vs oracle {errs[0]:.3g}, {errs[1]:.3g}; kept {errs[2]:.3g}")
     assert max(errs) < F16_TOL
 
 
-
 def test_seq_rm_waits_for_the_graph(mixed):
     """llama_decode returns while the device still runs its last graph, which updates the compensation
     sums; a seq_rm straight after it (no output read in between) resets those sums and must wait for it,
     or the next sequence starts from stale sums."""
-    import ctypes
-
-    from razor_gguf import Llama
-
-    import llama_cpp
+    from razor_gguf import _native
 
     _, cfg, _ = mixed
     first, second = list(_tokens(cfg, 600, seed=30)), list(_tokens(cfg, 300, seed=31))
-    host = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, verbose=False, **GPU)
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx, p.n_batch, p.n_ubatch = 2048, 1024, 256  # ring 4 + 16 + 2 x 256 cells: still razor at 2048
-    p.type_k = p.type_v = 0
-    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(host._model.model, p)
-    batch = llama_cpp.llama_batch_init(1024, 0, 1)
-    n_vocab = host.n_vocab()
-
-    def decode(toks):
-        for i, t in enumerate(toks):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(t), i, 1, True
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = len(toks)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-
-    try:
-        from razor_gguf import _native
-
-        assert _native.kv_bytes(ctx).razor
-        decode(first)
-        assert llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
-        decode(second)
-        got = np.array([np.ctypeslib.as_array(ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, i),
-                                                          ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-                        for i in range(len(second))])
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        host.close()
+    # ring 4 + 16 + 2 x 256 cells: razor still runs at n_ctx 2048
+    with RawContext(mixed[0], n_ctx=2048, n_batch=1024, n_ubatch=256, **GPU) as rc:
+        assert _native.kv_bytes(rc.ctx).razor
+        rc.decode([(t, i, 0) for i, t in enumerate(first)], read=False)
+        assert rc.seq_rm(0)
+        got = np.array(rc.decode([(t, i, 0) for i, t in enumerate(second)]))
     err = np.abs(got - _oracle(mixed, second)).max()
     print(f"\nseq_rm right after decode, next sequence vs oracle {err:.3g}")
     assert err < F16_TOL

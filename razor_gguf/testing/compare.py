@@ -49,6 +49,76 @@ def llama_logits(
         llm.close()
 
 
+class RawContext:
+    """A llama_context made through the C API on a razor_gguf.Llama's model, for what the Llama wrapper
+    does not expose: several sequences per batch, seq_cp/seq_keep, a decode whose outputs are not read.
+    Use as a context manager; `decode` returns copies of the logits of every item."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_batch: int, n_ubatch: int,
+                 n_seq_max: int = 1, unified: bool = False, flash_attn: bool = False, f32_kv: bool = True,
+                 kv_overrides: dict | None = None, n_gpu_layers: int = 0) -> None:
+        from razor_gguf import Llama  # binds llama_cpp to the patched libraries: before importing it
+
+        import llama_cpp
+
+        self._lib = llama_cpp
+        # the host's own context is never used: small, so that razor runs there too (no fallback notice)
+        self.host = Llama(model_path=str(path), n_ctx=256, n_batch=16, n_ubatch=16, verbose=False,
+                          kv_overrides=kv_overrides, n_gpu_layers=n_gpu_layers)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx, n_batch, n_ubatch, n_seq_max, unified
+        p.n_threads = p.n_threads_batch = 2
+        p.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if f32_kv:
+            p.type_k = p.type_v = GGML_TYPE_F32
+        self.ctx = llama_cpp.llama_init_from_model(self.host._model.model, p)
+        if not self.ctx:
+            self.host.close()
+            raise RuntimeError("llama_init_from_model failed")
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self.n_vocab = self.host.n_vocab()
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._lib.llama_memory_seq_cp(self._lib.llama_get_memory(self.ctx), src, dst, p0, p1)
+
+    def seq_keep(self, seq: int) -> None:
+        self._lib.llama_memory_seq_keep(self._lib.llama_get_memory(self.ctx), seq)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), seq, p0, p1))
+
+    def decode(self, items: Sequence[tuple[int, int, int]], read: bool = True) -> list[npt.NDArray[np.float32]]:
+        """One llama_decode of (token, position, sequence) items; with read=False the call returns as soon
+        as llama.cpp does (on an asynchronous backend the graph may still be running)."""
+        import ctypes
+
+        b = self.batch
+        for k, (tok, pos, seq) in enumerate(items):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = int(tok), pos, 1, True
+            b.seq_id[k][0] = seq
+        b.n_tokens = len(items)
+        rc = self._lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed: {rc}")
+        if not read:
+            return []
+        return [np.ctypeslib.as_array(ctypes.cast(self._lib.llama_get_logits_ith(self.ctx, k),
+                                                  ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).copy()
+                for k in range(len(items))]
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self.batch)
+        self._lib.llama_free(self.ctx)
+        self.host.close()
+
+    def __enter__(self) -> "RawContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def multi_seq_logits(
     path: str | os.PathLike[str],
     seqs: Sequence[Sequence[int]],
@@ -64,50 +134,13 @@ def multi_seq_logits(
     """Logits of several sequences decoded side by side in one context (n_seq_max = len(seqs)):
     every llama_decode carries the next `chunk` tokens of each unfinished sequence, so ubatches
     hold several sequences (separate KV streams unless `unified`). Returns [len(seq), n_vocab] each."""
-    import ctypes
-
-    from razor_gguf import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=n_ctx_seq, verbose=False, kv_overrides=kv_overrides,
-                n_gpu_layers=n_gpu_layers)
-    import llama_cpp
-
     n = len(seqs)
-    p = llama_cpp.llama_context_default_params()
-    p.n_ctx = n_ctx_seq * n
-    p.n_batch = chunk * n
-    p.n_ubatch = n_ubatch
-    p.n_seq_max = n
-    p.kv_unified = unified
-    p.n_threads = p.n_threads_batch = 2
-    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    if f32_kv:
-        p.type_k = p.type_v = GGML_TYPE_F32
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
-    if not ctx:
-        llm.close()
-        raise RuntimeError("llama_init_from_model failed")
-    n_vocab = llm.n_vocab()
-    out = [np.zeros((len(s), n_vocab)) for s in seqs]
-    batch = llama_cpp.llama_batch_init(chunk * n, 0, n)
-    try:
+    out = []
+    with RawContext(path, n_ctx=n_ctx_seq * n, n_batch=chunk * n, n_ubatch=n_ubatch, n_seq_max=n, unified=unified,
+                    flash_attn=flash_attn, f32_kv=f32_kv, kv_overrides=kv_overrides, n_gpu_layers=n_gpu_layers) as rc:
+        out = [np.zeros((len(s), rc.n_vocab)) for s in seqs]
         for start in range(0, max(len(s) for s in seqs), chunk):
             rows = [(j, i) for j, s in enumerate(seqs) for i in range(start, min(start + chunk, len(s)))]
-            for b, (j, i) in enumerate(rows):
-                batch.token[b] = seqs[j][i]
-                batch.pos[b] = i
-                batch.n_seq_id[b] = 1
-                batch.seq_id[b][0] = j
-                batch.logits[b] = True
-            batch.n_tokens = len(rows)
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed: {rc}")
-            for b, (j, i) in enumerate(rows):
-                ptr = llama_cpp.llama_get_logits_ith(ctx, b)
-                out[j][i] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        llm.close()
+            for (j, i), logits in zip(rows, rc.decode([(seqs[j][i], i, j) for j, i in rows])):
+                out[j][i] = logits
     return out
