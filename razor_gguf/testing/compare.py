@@ -51,7 +51,7 @@ def llama_logits(
 
 class RawContext:
     """A llama_context made through the C API on a razor_gguf.Llama's model, for what the Llama wrapper
-    does not expose: several sequences per batch, seq_cp/seq_keep, a decode whose outputs are not read.
+    does not expose: several sequences per batch, seq_cp/seq_keep/seq_rm on any sequence.
     Use as a context manager; `decode` returns copies of the logits of every item."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_batch: int, n_ubatch: int,
@@ -88,9 +88,8 @@ class RawContext:
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> bool:
         return bool(self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), seq, p0, p1))
 
-    def decode(self, items: Sequence[tuple[int, int, int]], read: bool = True) -> list[npt.NDArray[np.float32]]:
-        """One llama_decode of (token, position, sequence) items; with read=False the call returns as soon
-        as llama.cpp does (on an asynchronous backend the graph may still be running)."""
+    def decode(self, items: Sequence[tuple[int, int, int]]) -> list[npt.NDArray[np.float32]]:
+        """One llama_decode of (token, position, sequence) items; the logits of each."""
         import ctypes
 
         b = self.batch
@@ -101,8 +100,6 @@ class RawContext:
         rc = self._lib.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed: {rc}")
-        if not read:
-            return []
         return [np.ctypeslib.as_array(ctypes.cast(self._lib.llama_get_logits_ith(self.ctx, k),
                                                   ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).copy()
                 for k in range(len(items))]
