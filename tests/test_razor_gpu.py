@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_razor_cache import MIXED, _model, _oracle, _tokens, copy_continue_keep
+import test_razor_cache
+from test_razor_cache import GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, _oracle, _tokens, copy_continue_keep
 
 from razor_gguf.testing import tiny_forward as tf
 from razor_gguf.testing.compare import F16_TOL, llama_logits, multi_seq_logits
 
-GGML_TYPE_Q4_0, GGML_TYPE_Q8_0 = 2, 8
 GPU = {"n_gpu_layers": -1}
 
 
@@ -36,15 +36,8 @@ def _gpu_offload() -> bool:
 
 pytestmark = pytest.mark.skipif(not _gpu_offload(), reason="no GPU backend or no GPU device")
 
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    return _model(tmp_path_factory, "mixed", MIXED)
-
-
-@pytest.fixture(scope="module")
-def mixed64(tmp_path_factory):
-    return _model(tmp_path_factory, "mixed64", MIXED, head_dim=64)
+# the CPU tests' tiny razor models (module-scoped fixtures: built again for this module)
+mixed, mixed64 = test_razor_cache.mixed, test_razor_cache.mixed64
 
 
 def _check(what, got, ref, model, toks, **kw):
