@@ -132,7 +132,6 @@ def multi_seq_logits(
     every llama_decode carries the next `chunk` tokens of each unfinished sequence, so ubatches
     hold several sequences (separate KV streams unless `unified`). Returns [len(seq), n_vocab] each."""
     n = len(seqs)
-    out = []
     with RawContext(path, n_ctx=n_ctx_seq * n, n_batch=chunk * n, n_ubatch=n_ubatch, n_seq_max=n, unified=unified,
                     flash_attn=flash_attn, f32_kv=f32_kv, kv_overrides=kv_overrides, n_gpu_layers=n_gpu_layers) as rc:
         out = [np.zeros((len(s), rc.n_vocab)) for s in seqs]
