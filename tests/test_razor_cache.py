@@ -201,22 +201,28 @@ def test_reset_and_reevaluate_equals_fresh(mixed):
         llm.close()
 
 
-def test_state_save_load_round_trip(mixed):
-    toks = list(_tokens(mixed[1], 140, seed=13))
-    llm = _llama(mixed[0])
+def save_continue_restore(model, **kw):
+    """Eval 100 tokens, save the state, eval 40 more, move on, restore and eval the same 40 again: the max
+    difference between the two runs of those 40. kw goes to _llama (e.g. n_gpu_layers)."""
+    toks = list(_tokens(model[1], 140, seed=13))
+    llm = _llama(model[0], **kw)
     try:
         llm.eval(toks[:100])
         state = llm.save_state()
         llm.eval(toks[100:])
         first = np.array(llm.scores[100:140])
-        llm.eval(list(_tokens(mixed[1], 30, seed=14)))  # move on, then restore
+        llm.eval(list(_tokens(model[1], 30, seed=14)))  # move on, then restore
         llm.load_state(state)
         llm.eval(toks[100:])
-        # a whole-cache restore packs the ring's cells from cell 0 (stock llama.cpp does the same), so the
-        # attention sums run in another order: equal up to f32 rounding, the compensation state bitwise
-        assert np.abs(np.array(llm.scores[100:140]) - first).max() < F32_TOL
+        return np.abs(np.array(llm.scores[100:140]) - first).max()
     finally:
         llm.close()
+
+
+def test_state_save_load_round_trip(mixed):
+    # a whole-cache restore packs the ring's cells from cell 0 (stock llama.cpp does the same), so the
+    # attention sums run in another order: equal up to f32 rounding, the compensation state bitwise
+    assert save_continue_restore(mixed) < F32_TOL
 
 
 def test_kv_bytes(mixed):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import test_razor_cache
-from test_razor_cache import GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, _oracle, _tokens, copy_continue_keep
+from test_razor_cache import GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, _oracle, _tokens, copy_continue_keep, save_continue_restore
 
 from razor_gguf.testing import tiny_forward as tf
 from razor_gguf.testing.compare import F16_TOL, llama_logits, multi_seq_logits
@@ -132,26 +132,11 @@ def test_multiple_sequences(mixed, unified):
 
 
 def _llama(path, **kw):
-    from razor_gguf import Llama
-
-    return Llama(model_path=str(path), n_ctx=512, n_batch=16, n_ubatch=16, logits_all=True, type_k=0, type_v=0,
-                 verbose=False, **GPU, **kw)
+    return test_razor_cache._llama(path, **GPU, **kw)
 
 
 def test_state_save_load_round_trip(mixed):
-    toks = list(_tokens(mixed[1], 140, seed=13))
-    llm = _llama(mixed[0])
-    try:
-        llm.eval(toks[:100])
-        state = llm.save_state()
-        llm.eval(toks[100:])
-        first = np.array(llm.scores[100:140])
-        llm.eval(list(_tokens(mixed[1], 30, seed=14)))
-        llm.load_state(state)
-        llm.eval(toks[100:])
-        diff = np.abs(np.array(llm.scores[100:140]) - first).max()
-    finally:
-        llm.close()
+    diff = save_continue_restore(mixed, **GPU)
     print(f"\nsave/load: {diff:.3g}")
     assert diff < F16_TOL
 
