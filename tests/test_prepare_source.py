@@ -44,14 +44,26 @@ def test_series_applies_then_skips_when_applied(pristine, tmp_path):
     applied = {f: (tree / f).read_bytes() for p in SERIES for f in prep.patch_files(p)}
     prep.apply_series(tree, SERIES)  # second run: every patch already applied, nothing changes
     assert {f: (tree / f).read_bytes() for f in applied} == applied
-    assert b"llama-razor.cpp" in (tree / "src" / "CMakeLists.txt").read_bytes()
+    assert b"set_sinks_and_reserved" in (tree / "src" / "llama-kv-cache.h").read_bytes()
+    assert b"llama_razor_build_attn(" in (tree / "src" / "llama-graph.cpp").read_bytes()
+
+
+def test_series_only_hooks_upstream_files(pristine):
+    """The razor sources live in native/; the patches only edit files that exist upstream."""
+    for p in SERIES:
+        text = p.read_text()
+        assert "new file mode" not in text and "deleted file mode" not in text, p.name
+        for f in prep.patch_files(p):
+            assert (pristine / f).is_file(), f"{p.name} edits {f}, which is not an upstream file"
+    for f in ("include/llama-razor.h", "src/llama-razor.cpp", "src/llama-kv-cache-razor.h", "src/llama-kv-cache-razor.cpp"):
+        assert (ROOT / "native" / f).is_file(), f
 
 
 def test_patch_that_does_not_apply_is_named(pristine, tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(pristine, tree)
-    cm = tree / "src" / "CMakeLists.txt"
-    cm.write_text(cm.read_text().replace("llama-quant.cpp", "llama-quantize.cpp"))
+    h = tree / "src" / "llama-kv-cache.h"
+    h.write_text(h.read_text().replace("ggml_tensor * get_k_storage(int32_t il) const;", "ggml_tensor * get_k(int32_t il) const;"))
     with pytest.raises(prep.SourceError, match=r"regenerate patch 0001"):
         prep.apply_series(tree, SERIES)
 

@@ -1,0 +1,40 @@
+#pragma once
+
+// RazorAttention (razor-gguf) additions to the llama.cpp C API.
+// Everything here is additive: no public llama.h struct changes, so bindings that mirror
+// llama.h by hand (llama-cpp-python) keep working against the patched library.
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Bumped whenever the razor patch series changes behaviour or adds entry points.
+#define LLAMA_RAZOR_PATCH_VERSION 2
+
+// Version of the razor patch series compiled into this library.
+LLAMA_API uint32_t llama_razor_patch_version(void);
+
+// Short hash of the upstream llama.cpp commit the series was applied to.
+LLAMA_API const char * llama_razor_base_commit(void);
+
+// Comma-separated ggml backends registered in this build (e.g. "CPU" or "CUDA,CPU").
+// The string is owned by the library and stays valid until the next call.
+LLAMA_API const char * llama_razor_backends(void);
+
+// Allocated KV-cache bytes of ctx: out[0] retrieval cache, out[1] local ring (sinks + window + scratch),
+// out[2] compensation state, out[3] what a stock cache of the same context would allocate.
+// Returns 1 for a razor cache, 0 for a stock cache (out[0] = out[3] = its size), -1 without a KV cache.
+LLAMA_API int32_t llama_razor_kv_bytes(const struct llama_context * ctx, int64_t out[4]);
+
+// The head map in effect ([n_layer*n_head_kv], layer-major, 1 = retrieval), copied into out (capacity n).
+// Returns the number of entries, 0 when ctx does not run the razor cache.
+LLAMA_API int32_t llama_razor_head_map(const struct llama_context * ctx, int32_t * out, int32_t n);
+
+// n_sink and window in effect; returns 1 for a razor cache, 0 otherwise (outputs untouched).
+LLAMA_API int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, uint32_t * n_window);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,1278 @@
+#include "llama-kv-cache-razor.h"
+
+#include "llama-impl.h"
+#include "llama-arch.h"
+#include "llama-memory.h"
+#include "llama-io.h"
+#include "llama-batch.h"
+#include "llama-cparams.h"
+#include "llama-model.h"
+#include "llama-model-loader.h"
+#include "llama-context.h"
+#include "llama-razor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+//
+// configuration
+//
+
+uint32_t llama_razor_config::n_retrieval(uint32_t il) const {
+    uint32_t n = 0;
+    for (uint32_t h = 0; h < n_head_kv; ++h) {
+        n += head_map[il*n_head_kv + h] != 0;
+    }
+    return n;
+}
+
+namespace {
+
+const llama_model_kv_override * razor_override(const llama_model_loader & ml, const char * key) {
+    const auto it = ml.kv_overrides.find(key);
+    return it == ml.kv_overrides.end() ? nullptr : &it->second;
+}
+
+// a non-negative integer key: kv_overrides first (INT), then the GGUF (any integer type)
+bool razor_get_uint(const llama_model_loader & ml, const char * key, uint32_t & out) {
+    if (const auto * o = razor_override(ml, key)) {
+        if (o->tag != LLAMA_KV_OVERRIDE_TYPE_INT || o->val_i64 < 0 || o->val_i64 > INT32_MAX) {
+            throw std::runtime_error(format("razor: override %s must be a non-negative integer", key));
+        }
+        out = (uint32_t) o->val_i64;
+        return true;
+    }
+    const int k = gguf_find_key(ml.metadata, key);
+    if (k < 0) {
+        return false;
+    }
+    switch (gguf_get_kv_type(ml.metadata, k)) {
+        case GGUF_TYPE_UINT32: out = gguf_get_val_u32(ml.metadata, k); return true;
+        case GGUF_TYPE_INT32:  out = (uint32_t) std::max(0, gguf_get_val_i32(ml.metadata, k)); return true;
+        case GGUF_TYPE_UINT64: out = (uint32_t) std::min<uint64_t>(gguf_get_val_u64(ml.metadata, k), INT32_MAX); return true;
+        default: throw std::runtime_error(format("razor: metadata key %s must be an integer", key));
+    }
+}
+
+bool razor_get_bool(const llama_model_loader & ml, const char * key, bool & out) {
+    if (const auto * o = razor_override(ml, key)) {
+        if (o->tag != LLAMA_KV_OVERRIDE_TYPE_BOOL) {
+            throw std::runtime_error(format("razor: override %s must be a bool", key));
+        }
+        out = o->val_bool;
+        return true;
+    }
+    const int k = gguf_find_key(ml.metadata, key);
+    if (k < 0 || gguf_get_kv_type(ml.metadata, k) != GGUF_TYPE_BOOL) {
+        return false;
+    }
+    out = gguf_get_val_bool(ml.metadata, k);
+    return true;
+}
+
+bool razor_get_float(const llama_model_loader & ml, const char * key, float & out, bool override_only) {
+    if (const auto * o = razor_override(ml, key)) {
+        if (o->tag == LLAMA_KV_OVERRIDE_TYPE_FLOAT) {
+            out = (float) o->val_f64;
+        } else if (o->tag == LLAMA_KV_OVERRIDE_TYPE_INT) {
+            out = (float) o->val_i64;
+        } else {
+            throw std::runtime_error(format("razor: override %s must be a number", key));
+        }
+        return true;
+    }
+    if (override_only) {
+        return false;
+    }
+    const int k = gguf_find_key(ml.metadata, key);
+    if (k < 0 || gguf_get_kv_type(ml.metadata, k) != GGUF_TYPE_FLOAT32) {
+        return false;
+    }
+    out = gguf_get_val_f32(ml.metadata, k);
+    return true;
+}
+
+bool razor_get_f32_arr(const llama_model_loader & ml, const char * key, std::vector<float> & out) {
+    const int k = gguf_find_key(ml.metadata, key);
+    if (k < 0 || gguf_get_kv_type(ml.metadata, k) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, k) != GGUF_TYPE_FLOAT32) {
+        return false;
+    }
+    const float * data = (const float *) gguf_get_arr_data(ml.metadata, k);
+    out.assign(data, data + gguf_get_arr_n(ml.metadata, k));
+    return true;
+}
+
+// top ceil(ratio*n) heads by score, ties by index: the rule of razor_gguf.scoring.select_heads
+void razor_select_top(const std::vector<float> & score, float ratio, std::vector<int32_t> & sel) {
+    const size_t n_all = score.size();
+    const size_t n = ratio > 0.0f ? std::min(n_all, (size_t) std::ceil((double) ratio*n_all - 1e-9)) : 0;
+    std::vector<size_t> order(n_all);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return score[a] > score[b]; });
+    for (size_t i = 0; i < n; ++i) {
+        sel[order[i]] = 1;
+    }
+}
+
+} // namespace
+
+std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader & ml, const llama_hparams & hparams) {
+    const int k_map = gguf_find_key(ml.metadata, "razor.head_map");
+    if (k_map < 0) {
+        bool enabled = false;
+        if (razor_get_bool(ml, "razor.enabled", enabled) && enabled) {
+            LLAMA_LOG_WARN("razor: razor.enabled is set but the model has no razor.head_map (run razor-gguf embed-heads): using the stock KV cache\n");
+        }
+        return nullptr;
+    }
+
+    auto cfg = std::make_shared<llama_razor_config>();
+
+    cfg->n_layer   = hparams.n_layer_all;
+    cfg->n_head_kv = hparams.n_head_kv(0);
+
+    if (gguf_get_kv_type(ml.metadata, k_map) != GGUF_TYPE_ARRAY || gguf_get_arr_type(ml.metadata, k_map) != GGUF_TYPE_INT32) {
+        LLAMA_LOG_WARN("razor: razor.head_map must be an int32 array: razor disabled\n");
+        return cfg;
+    }
+    for (uint32_t il = 0; il < cfg->n_layer; ++il) {
+        if (hparams.n_head_kv(il) != cfg->n_head_kv) {
+            LLAMA_LOG_WARN("razor: layers with different KV head counts are not supported: razor disabled\n");
+            return cfg;
+        }
+    }
+    const size_t n_map = gguf_get_arr_n(ml.metadata, k_map);
+    if (n_map != (size_t) cfg->n_layer*cfg->n_head_kv) {
+        LLAMA_LOG_WARN("razor: razor.head_map has %zu entries but the model has %u layers x %u KV heads: razor disabled\n",
+                n_map, cfg->n_layer, cfg->n_head_kv);
+        return cfg;
+    }
+    const int32_t * map = (const int32_t *) gguf_get_arr_data(ml.metadata, k_map);
+    cfg->head_map.assign(map, map + n_map);
+
+    cfg->enabled = true;
+    razor_get_bool(ml, "razor.enabled", cfg->enabled);
+    razor_get_uint(ml, "razor.n_sink",  cfg->n_sink);
+    razor_get_uint(ml, "razor.window",  cfg->n_window);
+    razor_get_bool(ml, "razor.compensation", cfg->compensation);
+
+    if (cfg->n_window < 1) {
+        LLAMA_LOG_WARN("razor: razor.window must be >= 1: razor disabled\n");
+        cfg->enabled = false;
+        return cfg;
+    }
+
+    // a retrieval ratio given at load time re-selects the heads from the stored scores
+    float ratio = 0.0f;
+    if (razor_get_float(ml, "razor.retrieval_ratio", ratio, /*override_only =*/ true)) {
+        std::vector<float> echo, induction;
+        if (!razor_get_f32_arr(ml, "razor.echo_scores", echo) || !razor_get_f32_arr(ml, "razor.induction_scores", induction) ||
+                echo.size() != n_map || induction.size() != n_map) {
+            throw std::runtime_error("razor: razor.retrieval_ratio override needs razor.echo_scores and razor.induction_scores in the model");
+        }
+        if (!(ratio >= 0.0f && ratio <= 1.0f)) {
+            throw std::runtime_error("razor: razor.retrieval_ratio must be in [0, 1]");
+        }
+        float echo_ratio = 0.01f;
+        razor_get_float(ml, "razor.selection.echo_ratio", echo_ratio, false);
+        echo_ratio = std::min(echo_ratio, ratio);
+
+        std::fill(cfg->head_map.begin(), cfg->head_map.end(), 0);
+        razor_select_top(induction, std::max(0.0f, ratio - echo_ratio), cfg->head_map);
+        razor_select_top(echo, echo_ratio, cfg->head_map);
+    }
+
+    uint32_t n_retr = 0;
+    for (int32_t v : cfg->head_map) {
+        n_retr += v != 0;
+    }
+    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)\n",
+            cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window, cfg->compensation ? "on" : "off",
+            n_retr, n_map, 100.0*n_retr/n_map);
+
+    return cfg;
+}
+
+const char * llama_razor_unsupported(const llama_model & model, const llama_razor_config & cfg, const llama_cparams & cparams) {
+    const auto & hp = model.hparams;
+    if (hp.swa_type != LLAMA_SWA_TYPE_NONE) {
+        return "sliding-window attention models are not supported";
+    }
+    if (hp.use_alibi) {
+        return "ALiBi is not supported";
+    }
+    if (hp.is_mla() || hp.n_embd_head_k(0) != hp.n_embd_head_v(0)) {
+        return "MLA / different K and V head sizes are not supported";
+    }
+    if (hp.n_head(0) % std::max(1u, cfg.n_head_kv) != 0) {
+        return "the query heads are not a multiple of the KV heads";
+    }
+    if (cparams.training) {
+        return "training contexts are not supported";
+    }
+    if (!cparams.causal_attn) {
+        return "non-causal attention is not supported";
+    }
+    if (cparams.n_ctx_seq <= cfg.n_sink + cfg.n_window) {
+        return "the window covers the whole context, nothing would be evicted";
+    }
+    // the ring holds a ubatch of new tokens and a scratch row per query on top of sinks + window
+    const uint32_t n_ring = (cparams.kv_unified ? cparams.n_seq_max : 1)*(cfg.n_sink + cfg.n_window) + 2*cparams.n_ubatch;
+    if (GGML_PAD(n_ring, 256) > GGML_PAD(cparams.n_ctx_seq, 256)) {
+        return "the local ring (sinks + window + 2 x n_ubatch) is larger than the context, nothing to save";
+    }
+    return nullptr;
+}
+
+llama_memory_i * llama_razor_create_memory(
+        const llama_model & model,
+ const llama_razor_config & cfg,
+const llama_memory_params & params,
+      const llama_cparams & cparams) {
+    if (!cfg.enabled) {
+        return nullptr;
+    }
+    const char * why =
+        llm_arch_is_recurrent(model.arch) || llm_arch_is_hybrid(model.arch) ? "recurrent and hybrid models are not supported" :
+        params.ctx_type != LLAMA_CONTEXT_TYPE_DEFAULT                       ? "only default contexts are supported" :
+        llama_razor_unsupported(model, cfg, cparams);
+    uint32_t n_local = 0;
+    for (uint32_t il = 0; il < model.hparams.n_layer_all; ++il) {
+        n_local += cfg.n_local(il);
+    }
+    if (why) {
+        LLAMA_LOG_WARN("create_memory: razor: %s: using the stock KV cache\n", why);
+        return nullptr;
+    }
+    if (n_local == 0) {
+        LLAMA_LOG_INFO("create_memory: razor: every KV head is a retrieval head: using the stock KV cache\n");
+        return nullptr;
+    }
+    return new llama_kv_cache_razor(model, cfg, params.type_k, params.type_v,
+            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
+}
+
+//
+// llama_kv_cache_razor
+//
+
+llama_kv_cache_razor::llama_kv_cache_razor(
+        const llama_model & model,
+ const llama_razor_config & cfg,
+                ggml_type   type_k,
+                ggml_type   type_v,
+                     bool   offload,
+                     bool   unified,
+                 uint32_t   kv_size,
+                 uint32_t   n_seq_max,
+                 uint32_t   n_ubatch) :
+    model(model), cfg(cfg), hparams_retr(model.hparams), hparams_loc(model.hparams),
+    n_seq_max(n_seq_max), unified(unified), n_scratch(n_ubatch) {
+    const auto & hp = model.hparams;
+    const uint32_t n_layer = hp.n_layer_all;
+
+    GGML_ASSERT(cfg.n_layer == n_layer);
+
+    bool any_retr = false;
+    perms.resize(n_layer);
+    inv_perms.resize(n_layer);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        hparams_retr.n_head_kv_arr[il] = cfg.n_retrieval(il);
+        hparams_loc .n_head_kv_arr[il] = cfg.n_local(il);
+        any_retr = any_retr || cfg.n_retrieval(il) > 0;
+
+        auto & p = perms[il];
+        for (uint32_t h = 0; h < cfg.n_head_kv; ++h) {
+            if (cfg.head_map[il*cfg.n_head_kv + h]) {
+                p.push_back(h);
+            }
+        }
+        for (uint32_t h = 0; h < cfg.n_head_kv; ++h) {
+            if (!cfg.head_map[il*cfg.n_head_kv + h]) {
+                p.push_back(h);
+            }
+        }
+        inv_perms[il].resize(p.size());
+        for (size_t i = 0; i < p.size(); ++i) {
+            inv_perms[il][p[i]] = i;
+        }
+    }
+
+    const layer_filter_cb filter_retr = [&](int32_t il) { return cfg.n_retrieval(il) > 0; };
+    const layer_filter_cb filter_loc  = [&](int32_t il) { return cfg.n_local(il)     > 0; };
+
+    // the V caches are never transposed: with per-layer head counts a transposed V would be padded to
+    // the widest layer ([TAG_V_CACHE_VARIABLE]), and the local ring needs whole-row scratch writes
+    if (any_retr) {
+        LLAMA_LOG_INFO("%s: creating retrieval KV cache, size = %u cells\n", __func__, kv_size);
+        kv_retr = std::make_unique<llama_kv_cache>(
+                model, hparams_retr, type_k, type_v, /*v_trans =*/ false, offload, unified, kv_size, n_seq_max, 1,
+                0, LLAMA_SWA_TYPE_NONE, nullptr, filter_retr, nullptr, nullptr, "retr_");
+    }
+
+    // ring: sinks + window + one ubatch of new tokens per sequence, then the scratch rows
+    const uint32_t ring = (unified ? n_seq_max : 1)*(cfg.n_sink + cfg.n_window) + n_ubatch;
+    const uint32_t size_loc = GGML_PAD(std::min(ring, kv_size) + n_scratch, 256);
+
+    // the padding leaves room to keep recently evicted rows: they make trims of that many tokens exact
+    const int64_t n_free = (int64_t) size_loc - n_scratch - (unified ? n_seq_max : 1)*(cfg.n_sink + cfg.n_window) - n_ubatch;
+    n_margin = (uint32_t) std::clamp<int64_t>(n_free, 0, 64); // every graph re-adds these rows: keep decode cheap
+
+    LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells (n_sink = %u, window = %u, scratch = %u, margin = %u)\n",
+            __func__, size_loc, cfg.n_sink, cfg.n_window, n_scratch, n_margin);
+    kv_loc = std::make_unique<llama_kv_cache>(
+            model, hparams_loc, type_k, type_v, /*v_trans =*/ false, offload, unified, size_loc, n_seq_max, 1,
+            // recycling follows the stored sums (window + margin); the window itself is applied to the mask per query
+            cfg.n_window + n_margin, LLAMA_SWA_TYPE_STANDARD, nullptr, filter_loc, nullptr, nullptr, "loc_");
+    // one sequence per stream: place tokens by position, so that the cache layout does not depend on its history
+    kv_loc->set_sinks_and_reserved(cfg.n_sink, n_scratch, /*pos_ring =*/ !unified || n_seq_max == 1);
+
+    // compensation state, next to each layer's KV
+    struct buft_cmp {
+        bool operator()(ggml_backend_buffer_type_t a, ggml_backend_buffer_type_t b) const {
+            return strcmp(ggml_backend_buft_name(a), ggml_backend_buft_name(b)) < 0;
+        }
+    };
+    std::map<ggml_backend_buffer_type_t, ggml_context_ptr, buft_cmp> ctx_map;
+
+    comp.assign(n_layer, nullptr);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        if (cfg.n_local(il) == 0) {
+            continue;
+        }
+        ggml_backend_buffer_type_t buft = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params params = { size_t(n_layer*ggml_tensor_overhead()), nullptr, true };
+            it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
+        }
+        const int64_t n_embd = hparams_loc.n_embd_k_gqa(il) + hparams_loc.n_embd_v_gqa(il);
+        comp[il] = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, n_embd, n_seq_max);
+        ggml_format_name(comp[il], "razor_comp_l%d", il);
+    }
+    for (auto & [buft, ctx] : ctx_map) {
+        ggml_backend_buffer_t buf = hp.no_alloc ? ggml_backend_buft_alloc_buffer(buft, 0)
+                                                : ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            throw std::runtime_error("razor: failed to allocate the compensation state buffer");
+        }
+        if (hp.no_alloc) {
+            for (ggml_tensor * t = ggml_get_first_tensor(ctx.get()); t; t = ggml_get_next_tensor(ctx.get(), t)) {
+                t->buffer = buf;
+            }
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        comp_bufs.emplace_back(std::move(ctx), buf);
+    }
+
+    seqs.assign(n_seq_max, seq_state{});
+
+    // what a stock cache of this context would allocate
+    const int64_t n_stream = unified ? 1 : n_seq_max;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        bytes_full_equiv += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+    }
+
+    int64_t b[4];
+    kv_bytes(b);
+    LLAMA_LOG_INFO("%s: KV bytes: retrieval %.2f MiB + local %.2f MiB + compensation %.2f MiB = %.2f MiB (full cache %.2f MiB, %.1f%%)\n",
+            __func__, b[0]/1048576.0, b[1]/1048576.0, b[2]/1048576.0, (b[0] + b[1] + b[2])/1048576.0, b[3]/1048576.0,
+            100.0*(b[0] + b[1] + b[2])/std::max<int64_t>(1, b[3]));
+}
+
+void llama_kv_cache_razor::kv_bytes(int64_t out[4]) const {
+    auto sum = [](const std::map<ggml_backend_buffer_type_t, size_t> & mb) {
+        int64_t s = 0;
+        for (const auto & [buft, size] : mb) {
+            s += size;
+        }
+        return s;
+    };
+    out[0] = kv_retr ? sum(kv_retr->memory_breakdown()) : 0;
+    out[1] = sum(kv_loc->memory_breakdown());
+    out[2] = 0;
+    for (const auto & [ctx, buf] : comp_bufs) {
+        out[2] += model.hparams.no_alloc ? ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.get(), ggml_backend_buffer_get_type(buf.get()))
+                                         : ggml_backend_buffer_get_size(buf.get());
+    }
+    out[3] = bytes_full_equiv;
+}
+
+llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
+    GGML_UNUSED(embd_all);
+
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        const bool simple = attempt == 0;
+        if (simple && !unified) {
+            continue; // separate streams need equal splits
+        }
+
+        balloc.split_reset();
+
+        std::vector<llama_ubatch> ubatches;
+        while (true) {
+            auto ubatch = simple ? balloc.split_simple(n_ubatch) : balloc.split_equal(n_ubatch, !unified, 0);
+            if (ubatch.n_tokens == 0) {
+                break;
+            }
+            ubatches.push_back(std::move(ubatch)); // NOLINT
+        }
+        if (balloc.get_n_used() < balloc.get_n_tokens()) {
+            continue;
+        }
+
+        llama_kv_cache::slot_info_vec_t sinfos_retr;
+        if (kv_retr) {
+            sinfos_retr = kv_retr->prepare(ubatches);
+            if (sinfos_retr.empty()) {
+                continue;
+            }
+        }
+        auto sinfos_loc = kv_loc->prepare(ubatches);
+        if (sinfos_loc.empty()) {
+            continue;
+        }
+
+        return std::make_unique<llama_kv_cache_razor_context>(this, std::move(sinfos_retr), std::move(sinfos_loc), std::move(ubatches));
+    }
+
+    return std::make_unique<llama_kv_cache_razor_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+}
+
+llama_memory_context_ptr llama_kv_cache_razor::init_full() {
+    return std::make_unique<llama_kv_cache_razor_context>(this);
+}
+
+llama_memory_context_ptr llama_kv_cache_razor::init_update(llama_context * lctx, bool optimize) {
+    return std::make_unique<llama_kv_cache_razor_context>(this, lctx, optimize);
+}
+
+bool llama_kv_cache_razor::get_can_shift() const {
+    // shifting would have to re-rotate the compensation sums: not supported (as for a non-full SWA cache)
+    return false;
+}
+
+void llama_kv_cache_razor::clear(bool data) {
+    if (kv_retr) {
+        kv_retr->clear(data);
+    }
+    kv_loc->clear(data);
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        reset_seq(s);
+    }
+    if (data) {
+        for (auto & [ctx, buf] : comp_bufs) {
+            ggml_backend_buffer_clear(buf.get(), 0);
+        }
+    }
+}
+
+void llama_kv_cache_razor::reset_seq(llama_seq_id s) {
+    // the graph adds new rows to the stored sums: they must start from zero
+    if (seqs[s].l > 0) {
+        std::vector<float> zero;
+        for (size_t il = 0; il < comp.size(); ++il) {
+            if (comp[il]) {
+                zero.assign(comp[il]->ne[0], 0.0f);
+                comp_col_set(il, s, zero);
+            }
+        }
+    }
+    seqs[s] = seq_state{};
+}
+
+void llama_kv_cache_razor::comp_col_get(int32_t il, llama_seq_id s, std::vector<float> & dst) const {
+    if (sync_graph) {
+        sync_graph();
+    }
+    ggml_tensor * t = comp[il];
+    dst.resize(t->ne[0]);
+    ggml_backend_tensor_get(t, dst.data(), s*t->nb[1], t->ne[0]*sizeof(float));
+}
+
+void llama_kv_cache_razor::comp_col_set(int32_t il, llama_seq_id s, const std::vector<float> & src) {
+    if (sync_graph) {
+        sync_graph();
+    }
+    ggml_tensor * t = comp[il];
+    ggml_backend_tensor_set(t, src.data(), s*t->nb[1], t->ne[0]*sizeof(float));
+}
+
+bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    const bool tail = p1 == std::numeric_limits<llama_pos>::max();
+    const llama_pos n_sink = cfg.n_sink;
+
+    enum action { KEEP, RESET };
+    std::vector<std::pair<llama_seq_id, action>> todo;
+
+    // decide for every sequence first, so that a refusal leaves the cache untouched
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if (seq_id >= 0 && s != seq_id) {
+            continue;
+        }
+        const auto & st = seqs[s];
+        if (st.l == 0) {
+            todo.emplace_back(s, KEEP);         // nothing in the stored sums yet
+        } else if (tail && p0 <= n_sink) {
+            todo.emplace_back(s, RESET);        // every summed token goes
+        } else if (tail) {
+            // the next query at p0 evicts [n_sink, p0 - W]: the stored sums must not go beyond that
+            if (p0 - (llama_pos) cfg.n_window < st.g) {
+                return false;
+            }
+            todo.emplace_back(s, KEEP);
+        } else if (p0 <= st.g && p1 > n_sink) {
+            return false;                       // a hole in the summed history cannot be undone
+        } else {
+            todo.emplace_back(s, KEEP);
+        }
+    }
+
+    for (const auto & [s, act] : todo) {
+        if (act == RESET) {
+            reset_seq(s);
+        }
+    }
+
+    bool res = true;
+    if (kv_retr) {
+        res = kv_retr->seq_rm(seq_id, p0, p1) && res;
+    }
+    res = kv_loc->seq_rm(seq_id, p0, p1) && res;
+    return res;
+}
+
+void llama_kv_cache_razor::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    if (seq_id_src == seq_id_dst) {
+        return;
+    }
+    if (kv_retr) {
+        kv_retr->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+    }
+    kv_loc->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+
+    const auto & src = seqs[seq_id_src];
+    const bool whole = p0 <= 0 && (p1 < 0 || p1 > seq_pos_max(seq_id_src));
+    if (!whole || src.l == 0) {
+        reset_seq(seq_id_dst);
+        return;
+    }
+    seqs[seq_id_dst] = src;
+    std::vector<float> col;
+    for (size_t il = 0; il < comp.size(); ++il) {
+        if (comp[il]) {
+            comp_col_get(il, seq_id_src, col);
+            comp_col_set(il, seq_id_dst, col);
+        }
+    }
+}
+
+void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
+    if (kv_retr) {
+        kv_retr->seq_keep(seq_id);
+    }
+    kv_loc->seq_keep(seq_id);
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if (s != seq_id) {
+            reset_seq(s);
+        }
+    }
+}
+
+void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    // positions move, the rotated compensation sums cannot follow: only sequences with nothing folded stay exact
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
+            LLAMA_LOG_WARN("%s: razor: shifting sequence %d whose evicted tokens are folded; its compensation row is dropped\n", __func__, s);
+            reset_seq(s);
+        }
+    }
+    if (kv_retr) {
+        kv_retr->seq_add(seq_id, p0, p1, shift);
+    }
+    kv_loc->seq_add(seq_id, p0, p1, shift);
+}
+
+void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
+            LLAMA_LOG_WARN("%s: razor: dividing positions of sequence %d whose evicted tokens are folded; its compensation row is dropped\n", __func__, s);
+            reset_seq(s);
+        }
+    }
+    if (kv_retr) {
+        kv_retr->seq_div(seq_id, p0, p1, d);
+    }
+    kv_loc->seq_div(seq_id, p0, p1, d);
+}
+
+llama_pos llama_kv_cache_razor::seq_pos_min(llama_seq_id seq_id) const {
+    return kv_retr ? kv_retr->seq_pos_min(seq_id) : kv_loc->seq_pos_min(seq_id);
+}
+
+llama_pos llama_kv_cache_razor::seq_pos_max(llama_seq_id seq_id) const {
+    return kv_retr ? kv_retr->seq_pos_max(seq_id) : kv_loc->seq_pos_max(seq_id);
+}
+
+std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_razor::memory_breakdown() const {
+    std::map<ggml_backend_buffer_type_t, size_t> mb = kv_loc->memory_breakdown();
+    if (kv_retr) {
+        for (const auto & [buft, size] : kv_retr->memory_breakdown()) {
+            mb[buft] += size;
+        }
+    }
+    for (const auto & [ctx, buf] : comp_bufs) {
+        mb[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
+    }
+    return mb;
+}
+
+static const uint32_t RAZOR_STATE_MAGIC = 0x525a5231; // "RZR1"
+
+void llama_kv_cache_razor::state_write(llama_io_write_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) const {
+    if (kv_retr && (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        kv_retr->state_write(io, seq_id, flags);
+    }
+    kv_loc->state_write(io, seq_id, flags);
+
+    io.write(&RAZOR_STATE_MAGIC, sizeof(RAZOR_STATE_MAGIC));
+    const uint32_t n = seq_id < 0 ? n_seq_max : 1;
+    io.write(&n, sizeof(n));
+    for (uint32_t i = 0; i < n; ++i) {
+        const auto & st = seqs[seq_id < 0 ? i : seq_id];
+        io.write(&st.l, sizeof(st.l));
+        io.write(&st.g, sizeof(st.g));
+    }
+    for (ggml_tensor * t : comp) {
+        if (!t) {
+            continue;
+        }
+        if (seq_id < 0) {
+            io.write_tensor(t, 0, ggml_nbytes(t));
+        } else {
+            io.write_tensor(t, seq_id*t->nb[1], t->nb[1]);
+        }
+    }
+}
+
+void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
+    if (kv_retr && (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
+        kv_retr->state_read(io, seq_id, flags);
+    }
+    kv_loc->state_read(io, seq_id, flags);
+
+    uint32_t magic = 0, n = 0;
+    io.read(&magic, sizeof(magic));
+    io.read(&n, sizeof(n));
+    if (magic != RAZOR_STATE_MAGIC || n != (seq_id < 0 ? n_seq_max : 1u)) {
+        throw std::runtime_error("razor: the saved state was not written by a razor cache of this configuration");
+    }
+    std::vector<seq_state> st(n);
+    for (auto & s : st) {
+        io.read(&s.l, sizeof(s.l));
+        io.read(&s.g, sizeof(s.g));
+    }
+    for (ggml_tensor * t : comp) {
+        if (!t) {
+            continue;
+        }
+        if (seq_id < 0) {
+            io.read_tensor(t, 0, ggml_nbytes(t));
+        } else {
+            io.read_tensor(t, seq_id*t->nb[1], t->nb[1]);
+        }
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        seqs[seq_id < 0 ? i : seq_id] = st[i];
+    }
+}
+
+bool llama_kv_cache_razor::plan_ubatch(const llama_ubatch & ub, fold_plan & P) {
+    const uint32_t T  = ub.n_tokens;
+    const uint32_t NS = ub.n_seqs_unq;
+    const uint32_t NR = n_margin + T; // rows per sequence: evicted, not yet in the stored sums
+    const uint32_t R  = T + NS;
+
+    const llama_pos S = cfg.n_sink;
+    const llama_pos W = cfg.n_window;
+
+    const uint32_t size    = kv_loc->get_size();
+    const uint32_t n_strm  = unified ? 1 : NS;
+    const uint32_t n_tps   = T/n_strm;
+
+    P.n_tokens = T;
+    P.n_seqs   = NS;
+    P.n_rows   = NR;
+    P.rows.assign((size_t) NR*NS, 0);
+    P.pick.assign(R, 0);
+    P.scale.assign(R, 0.0f);
+    P.state_cols.assign(NS, 0);
+    P.scratch.assign(T, 0);
+    P.log_l.assign(T, -INFINITY);
+    P.scratch_col.assign(T, 0);
+    P.hide.assign(NS, {});
+
+    for (uint32_t t = 0; t < T; ++t) {
+        if (ub.n_seq_id[t] != 1) {
+            LLAMA_LOG_ERROR("%s: razor: a token shared by several sequences is not supported\n", __func__);
+            return false;
+        }
+    }
+
+    // per sequence: the cached evicted cells in position order; those past the stored sums are summed in the graph
+    std::vector<std::vector<llama_pos>> row_pos(NS);
+    std::vector<llama_pos> g_new(NS);
+    for (uint32_t js = 0; js < NS; ++js) {
+        const llama_seq_id s = ub.seq_id_unq[js];
+        const auto & st = seqs[s];
+
+        llama_pos p_last = -1;
+        for (uint32_t t = 0; t < T; ++t) {
+            if (ub.seq_id[t][0] == s) {
+                p_last = std::max(p_last, ub.pos[t]);
+            }
+        }
+        P.state_cols[js] = s;
+
+        // after this ubatch [n_sink, p_last + 1 - W] is evicted; the sums keep up to n_margin positions behind
+        const llama_pos f_new = p_last + 1 - W;
+        g_new[js] = std::max(st.g, f_new - (llama_pos) n_margin);
+
+        const uint32_t strm = kv_loc->get_stream(s);
+        for (const auto & [pos, cell] : kv_loc->get_cells(s).seq_pos_get(s)) {
+            if (pos < S) {
+                continue;
+            }
+            if (pos > f_new) {
+                break;
+            }
+            P.hide[js].emplace_back(cell, pos);
+            if (pos <= st.g) {
+                continue;
+            }
+            if (row_pos[js].size() >= NR) {
+                LLAMA_LOG_ERROR("%s: razor: sequence %d jumps ahead by more than a ubatch: cannot fold\n", __func__, s);
+                return false;
+            }
+            P.rows[(size_t) js*NR + row_pos[js].size()] = strm*size + cell;
+            row_pos[js].push_back(pos);
+        }
+    }
+
+    // each query: the running sum (stored sums, then the rows in position order) up to the last row that left
+    // its window, over its count
+    for (uint32_t t = 0; t < T; ++t) {
+        const llama_seq_id s  = ub.seq_id[t][0];
+        const uint32_t     js = ub.seq_idx[s];
+        const auto & st = seqs[s];
+
+        uint32_t n_c = 0;
+        while (n_c < row_pos[js].size() && row_pos[js][n_c] <= ub.pos[t] - W) {
+            ++n_c;
+        }
+        const uint32_t l = st.l + n_c;
+        P.pick[t] = js*(NR + 1) + n_c;
+        if (l > 0) {
+            P.scale[t] = 1.0f/l;
+            P.log_l[t] = cfg.compensation ? logf((float) l) : -INFINITY;
+        }
+
+        const uint32_t ii = t % n_tps;
+        P.scratch_col[t] = size - n_scratch + ii;
+        P.scratch[t]     = (int64_t) kv_loc->get_stream(s)*size + size - n_scratch + ii;
+    }
+
+    // the new stored sums of each sequence: everything up to g_new
+    for (uint32_t js = 0; js < NS; ++js) {
+        const llama_seq_id s = ub.seq_id_unq[js];
+        auto & st = seqs[s];
+        uint32_t n_s = 0;
+        while (n_s < row_pos[js].size() && row_pos[js][n_s] <= g_new[js]) {
+            ++n_s;
+        }
+        P.pick [T + js] = js*(NR + 1) + n_s;
+        P.scale[T + js] = 1.0f;
+
+        st.l += n_s;
+        st.g  = g_new[js];
+    }
+
+    return true;
+}
+
+//
+// llama_kv_cache_razor_context
+//
+
+llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_memory_status status) : status(status) {}
+
+llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor * kv) :
+    kv(kv),
+    ctx_retr(kv->get_retr() ? kv->get_retr()->init_full() : nullptr),
+    ctx_loc (kv->get_loc()->init_full()),
+    status(ctx_retr ? llama_memory_status_combine(ctx_retr->get_status(), ctx_loc->get_status()) : ctx_loc->get_status()) {
+}
+
+llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor * kv, llama_context * lctx, bool optimize) :
+    kv(kv),
+    ctx_retr(kv->get_retr() ? kv->get_retr()->init_update(lctx, optimize) : nullptr),
+    ctx_loc (kv->get_loc()->init_update(lctx, optimize)),
+    status(ctx_retr ? llama_memory_status_combine(ctx_retr->get_status(), ctx_loc->get_status()) : ctx_loc->get_status()) {
+}
+
+llama_kv_cache_razor_context::llama_kv_cache_razor_context(
+        llama_kv_cache_razor * kv,
+        slot_info_vec_t sinfos_retr,
+        slot_info_vec_t sinfos_loc,
+        std::vector<llama_ubatch> ubatches) :
+    kv(kv),
+    ubatches(std::move(ubatches)),
+    ctx_retr(kv->get_retr() ? new llama_kv_cache_context(kv->get_retr(), std::move(sinfos_retr), this->ubatches) : nullptr),
+    ctx_loc (new llama_kv_cache_context(kv->get_loc(), std::move(sinfos_loc), this->ubatches)),
+    status(LLAMA_MEMORY_STATUS_SUCCESS) {
+}
+
+llama_kv_cache_razor_context::~llama_kv_cache_razor_context() = default;
+
+bool llama_kv_cache_razor_context::next() {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+
+    if (ctx_retr) {
+        ctx_retr->next();
+    }
+    ctx_loc->next();
+
+    return ++i_next < ubatches.size();
+}
+
+bool llama_kv_cache_razor_context::apply() {
+    assert(!llama_memory_status_is_fail(status));
+
+    bool res = true;
+    if (ctx_retr) {
+        res = ctx_retr->apply() && res;
+    }
+    res = ctx_loc->apply() && res;
+
+    // batch contexts: the ubatch is in place, plan the fold of the tokens leaving the window
+    if (res && !ubatches.empty()) {
+        res = kv->plan_ubatch(ubatches[i_next], plan);
+    }
+    return res;
+}
+
+llama_memory_status llama_kv_cache_razor_context::get_status() const {
+    return status;
+}
+
+const llama_ubatch & llama_kv_cache_razor_context::get_ubatch() const {
+    assert(status == LLAMA_MEMORY_STATUS_SUCCESS);
+    return ubatches[i_next];
+}
+
+const llama_kv_cache_context * llama_kv_cache_razor_context::get_retr() const {
+    return static_cast<const llama_kv_cache_context *>(ctx_retr.get());
+}
+
+const llama_kv_cache_context * llama_kv_cache_razor_context::get_loc() const {
+    return static_cast<const llama_kv_cache_context *>(ctx_loc.get());
+}
+
+//
+// graph input
+//
+
+llm_graph_input_attn_kv_razor::llm_graph_input_attn_kv_razor(
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        const llama_kv_cache_razor_context * mctx) :
+    llm_graph_input_attn_kv(hparams, cparams, mctx->get_retr()),
+    mctx_razor(mctx) {
+    razor = true;
+}
+
+// the cache's own mask hides positions older than window + margin; the evicted ones still cached (the
+// margin) are hidden here per query, and each query's compensation row gets log(l)
+template <typename T>
+static void razor_fill_mask_cols(T * data, int64_t n_kv, const llama_kv_cache_razor::fold_plan & P, const llama_ubatch * ub, uint32_t n_window) {
+    const T drop = llama_cast<T>(-INFINITY);
+    for (uint32_t t = 0; t < P.n_tokens; ++t) {
+        T * row = data + (int64_t) t*n_kv;
+        for (const auto & [cell, pos] : P.hide[ub->seq_idx[ub->seq_id[t][0]]]) {
+            if (pos > ub->pos[t] - (llama_pos) n_window) {
+                break;
+            }
+            row[cell] = drop;
+        }
+        row[P.scratch_col[t]] = llama_cast<T>(P.log_l[t]);
+    }
+}
+
+static bool razor_is_set(const ggml_tensor * t) {
+    return t && t->buffer;
+}
+
+void llm_graph_input_attn_kv_razor::set_input(const llama_ubatch * ubatch) {
+    const auto * loc = mctx_razor->get_loc();
+    const auto * kv  = mctx_razor->get_razor();
+    const auto & P   = mctx_razor->get_plan();
+
+    if (mctx) {
+        llm_graph_input_attn_kv::set_input(ubatch);
+    } else {
+        if (razor_is_set(self_k_rot)) {
+            loc->set_input_k_rot(self_k_rot);
+        }
+        if (razor_is_set(self_v_rot)) {
+            loc->set_input_v_rot(self_v_rot);
+        }
+    }
+
+    if (razor_is_set(loc_k_idxs)) {
+        loc->set_input_k_idxs(loc_k_idxs, ubatch);
+    }
+    if (razor_is_set(loc_v_idxs)) {
+        loc->set_input_v_idxs(loc_v_idxs, ubatch);
+    }
+    if (razor_is_set(loc_kq_mask)) {
+        loc->set_input_kq_mask(loc_kq_mask, ubatch, cparams.causal_attn);
+        if (loc_kq_mask->type == GGML_TYPE_F16) {
+            razor_fill_mask_cols((ggml_fp16_t *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window);
+        } else {
+            razor_fill_mask_cols((float *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window);
+        }
+    }
+
+    GGML_ASSERT(P.n_tokens == ubatch->n_tokens);
+
+    if (razor_is_set(fold_rows)) {
+        memcpy(fold_rows->data, P.rows.data(), P.rows.size()*sizeof(int32_t));
+    }
+    if (razor_is_set(fold_pick)) {
+        memcpy(fold_pick->data, P.pick.data(), P.pick.size()*sizeof(int32_t));
+    }
+    if (razor_is_set(fold_scale)) {
+        memcpy(fold_scale->data, P.scale.data(), P.scale.size()*sizeof(float));
+    }
+    if (razor_is_set(state_get)) {
+        for (uint32_t i = 0; i < P.n_seqs; ++i) {
+            ((int32_t *) state_get->data)[i] = (int32_t) P.state_cols[i];
+        }
+    }
+    if (razor_is_set(state_set)) {
+        memcpy(state_set->data, P.state_cols.data(), P.state_cols.size()*sizeof(int64_t));
+    }
+    if (razor_is_set(scratch_idx)) {
+        memcpy(scratch_idx->data, P.scratch.data(), P.scratch.size()*sizeof(int64_t));
+    }
+
+    for (size_t il = 0; il < perm.size(); ++il) {
+        for (auto [t, src] : { std::make_pair(perm[il], &kv->perm(il)), std::make_pair(inv_perm[il], &kv->inv_perm(il)) }) {
+            if (!razor_is_set(t)) {
+                continue;
+            }
+            int32_t * data = (int32_t *) t->data;
+            for (int64_t i = 0; i < t->ne[1]; ++i) {
+                std::copy(src->begin(), src->end(), data + i*t->ne[0]);
+            }
+        }
+    }
+}
+
+static bool razor_mask_fits(const ggml_tensor * mask, const llama_kv_cache_context * mctx, const llm_graph_params & params) {
+    const int64_t n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
+    return mask->ne[0] == mctx->get_n_kv() && mask->ne[1] == params.ubatch.n_tokens/n_stream && mask->ne[3] == n_stream;
+}
+
+bool llm_graph_input_attn_kv_razor::can_reuse(const llm_graph_params & params) {
+    mctx_razor = static_cast<const llama_kv_cache_razor_context *>(params.mctx);
+    mctx       = mctx_razor->get_retr();
+
+    const int64_t T  = params.ubatch.n_tokens;
+    const int64_t NS = params.ubatch.n_seqs_unq;
+
+    bool res = true;
+    if (mctx) {
+        res &= self_k_idxs->ne[0] == T;
+        res &= razor_mask_fits(self_kq_mask, mctx, params);
+    }
+    res &= loc_k_idxs->ne[0] == T;
+    res &= razor_mask_fits(loc_kq_mask, mctx_razor->get_loc(), params);
+    res &= fold_rows->ne[0] == (mctx_razor->get_razor()->get_n_margin() + T)*NS;
+    res &= fold_pick->ne[0] == T + NS;
+    res &= state_get->ne[0] == NS;
+    for (ggml_tensor * t : perm) {
+        res &= t == nullptr || t->ne[1] == T;
+    }
+    return res;
+}
+
+static ggml_tensor * razor_new_mask(ggml_context * ctx, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch, const llama_cparams & cparams, const char * name) {
+    const int64_t n_stream = cparams.kv_unified ? 1 : ubatch.n_seqs_unq;
+    ggml_tensor * res = ggml_new_tensor_4d(ctx, cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
+            mctx->get_n_kv(), ubatch.n_tokens/n_stream, 1, n_stream);
+    ggml_set_input(res);
+    ggml_set_name(res, name);
+    return res;
+}
+
+static ggml_tensor * razor_new_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
+    ggml_tensor * res = ne1 > 0 ? ggml_new_tensor_2d(ctx, type, ne0, ne1) : ggml_new_tensor_1d(ctx, type, ne0);
+    ggml_set_input(res);
+    ggml_set_name(res, name);
+    return res;
+}
+
+llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g, const llama_memory_context_i * mctx) {
+    const auto * rc = dynamic_cast<const llama_kv_cache_razor_context *>(mctx);
+    if (!rc) {
+        return nullptr;
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+    const llama_ubatch & ub = g.ubatch;
+    const int64_t T  = ub.n_tokens;
+    const int64_t NS = ub.n_seqs_unq;
+
+    auto inp = std::make_unique<llm_graph_input_attn_kv_razor>(g.hparams, g.cparams, rc);
+
+    const auto * retr = rc->get_retr();
+    const auto * loc  = rc->get_loc();
+
+    if (retr) {
+        inp->self_k_idxs      = retr->build_input_k_idxs(ctx0, ub);
+        inp->self_v_idxs      = retr->build_input_v_idxs(ctx0, ub);
+        inp->self_kq_mask     = razor_new_mask(ctx0, retr, ub, g.cparams, "attn_inp_kq_mask");
+        inp->self_kq_mask_cnv = inp->self_kq_mask;
+    }
+    // the Hadamard rotations depend only on the cache type and head size: the same for both caches
+    inp->self_k_rot = (retr ? retr : loc)->build_input_k_rot(ctx0);
+    inp->self_v_rot = (retr ? retr : loc)->build_input_v_rot(ctx0);
+
+    inp->loc_k_idxs  = loc->build_input_k_idxs(ctx0, ub);
+    inp->loc_v_idxs  = loc->build_input_v_idxs(ctx0, ub);
+    inp->loc_kq_mask = razor_new_mask(ctx0, loc, ub, g.cparams, "razor_inp_kq_mask_loc");
+
+    inp->fold_rows   = razor_new_input(ctx0, GGML_TYPE_I32, (rc->get_razor()->get_n_margin() + T)*NS, 0, "razor_inp_fold_rows");
+    inp->fold_pick   = razor_new_input(ctx0, GGML_TYPE_I32, T + NS, 0, "razor_inp_fold_pick");
+    inp->fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
+    inp->state_get   = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
+    inp->state_set   = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
+    inp->scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
+
+    const auto * kv = rc->get_razor();
+    const uint32_t n_layer = g.hparams.n_layer_all;
+    inp->perm.assign(n_layer, nullptr);
+    inp->inv_perm.assign(n_layer, nullptr);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        if (kv->n_retrieval(il) > 0 && kv->n_local(il) > 0) {
+            const int64_t n_head_kv = kv->perm(il).size();
+            inp->perm[il]     = razor_new_input(ctx0, GGML_TYPE_I32, n_head_kv, T, "razor_inp_perm");
+            inp->inv_perm[il] = razor_new_input(ctx0, GGML_TYPE_I32, n_head_kv, T, "razor_inp_inv_perm");
+        }
+    }
+
+    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+}
+
+void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync) {
+    if (auto * kv = dynamic_cast<llama_kv_cache_razor *>(mem)) {
+        kv->sync_graph = std::move(sync);
+    }
+}
+
+uint32_t llama_razor_n_graph_nodes(const llama_memory_i * mem) {
+    const auto * kv = dynamic_cast<const llama_kv_cache_razor *>(mem);
+    if (!kv) {
+        return 0;
+    }
+    uint32_t n = 0;
+    for (uint32_t il = 0; il < kv->get_config().n_layer; ++il) {
+        n += kv->n_local(il) > 0 ? 128 : 0; // ~80 tensors (views included) per split layer, with headroom
+    }
+    return n;
+}
+
+// a view with the geometry of ref whose parent is the last write into the same cache tensor, so that the
+// attention depends on that write explicitly
+static ggml_tensor * razor_view_like(ggml_context * ctx, ggml_tensor * parent, const ggml_tensor * ref) {
+    GGML_ASSERT(parent->view_src == ref->view_src && parent->view_offs == 0);
+    return ggml_view_4d(ctx, parent, ref->ne[0], ref->ne[1], ref->ne[2], ref->ne[3], ref->nb[1], ref->nb[2], ref->nb[3], ref->view_offs);
+}
+
+ggml_tensor * llama_razor_build_attn(
+        const llm_graph_context & g,
+        llm_graph_input_attn_kv * inp_base,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        float         kq_scale,
+        int           il) {
+    auto * inp = static_cast<llm_graph_input_attn_kv_razor *>(inp_base);
+    const auto * kv = inp->mctx_razor->get_razor();
+
+    const int64_t n_l = kv->n_local(il);
+    const int64_t n_r = kv->n_retrieval(il);
+    if (n_l == 0) {
+        return nullptr;
+    }
+    if (kq_b || sinks) {
+        GGML_ABORT("razor: attention bias and attention sinks are not supported (layer %d)", il);
+    }
+
+    ggml_context * ctx0 = g.ctx0;
+    ggml_cgraph  * gf   = g.gf;
+
+    const int64_t d_k       = q_cur->ne[0];
+    const int64_t n_head    = q_cur->ne[1];
+    const int64_t T         = q_cur->ne[2];
+    const int64_t n_head_kv = k_cur->ne[1];
+    const int64_t d_v       = v_cur->ne[0];
+    const int64_t n_gqa     = n_head/n_head_kv;
+
+    // 1. KV heads in the order [retrieval..., local...]; a query head follows its KV head
+    ggml_tensor * q_r = nullptr, * k_r = nullptr, * v_r = nullptr;
+    ggml_tensor * q_l = q_cur,   * k_l = k_cur,   * v_l = v_cur;
+    if (n_r > 0) {
+        ggml_tensor * q3 = ggml_reshape_3d(ctx0, ggml_is_contiguous(q_cur) ? q_cur : ggml_cont(ctx0, q_cur), d_k*n_gqa, n_head_kv, T);
+        ggml_tensor * qp = ggml_get_rows(ctx0, q3,    inp->perm[il]);
+        ggml_tensor * kp = ggml_get_rows(ctx0, k_cur, inp->perm[il]);
+        ggml_tensor * vp = ggml_get_rows(ctx0, v_cur, inp->perm[il]);
+
+        const size_t rq = ggml_row_size(qp->type, d_k);
+        q_r = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_r, T, rq, qp->nb[2], 0);
+        q_l = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_l, T, rq, qp->nb[2], n_gqa*n_r*rq);
+        k_r = ggml_view_3d(ctx0, kp, d_k, n_r, T, kp->nb[1], kp->nb[2], 0);
+        k_l = ggml_view_3d(ctx0, kp, d_k, n_l, T, kp->nb[1], kp->nb[2], n_r*kp->nb[1]);
+        v_r = ggml_view_3d(ctx0, vp, d_v, n_r, T, vp->nb[1], vp->nb[2], 0);
+        v_l = ggml_view_3d(ctx0, vp, d_v, n_l, T, vp->nb[1], vp->nb[2], n_r*vp->nb[1]);
+    }
+
+    // 2. retrieval heads: the stock path over the full cache
+    ggml_tensor * out_r = nullptr;
+    if (n_r > 0) {
+        const auto * cr = inp->mctx_razor->get_retr();
+        ggml_tensor * k_st = cr->cpy_k(ctx0, k_r, inp->self_k_idxs, il);
+        ggml_tensor * v_st = cr->cpy_v(ctx0, v_r, inp->self_v_idxs, il);
+        ggml_build_forward_expand(gf, k_st);
+        ggml_build_forward_expand(gf, v_st);
+
+        ggml_tensor * k = razor_view_like(ctx0, k_st, cr->get_k(ctx0, il));
+        ggml_tensor * v = razor_view_like(ctx0, v_st, cr->get_v(ctx0, il));
+        out_r = g.build_attn_mha(q_r, k, v, nullptr, inp->self_kq_mask_cnv, nullptr, nullptr, 0, kq_scale, il);
+    }
+
+    // 3. local heads: store the new tokens in the ring, fold the tokens that leave the window
+    const auto * cl = inp->mctx_razor->get_loc();
+
+    ggml_tensor * k_st = cl->cpy_k(ctx0, k_l, inp->loc_k_idxs, il);
+    ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, inp->loc_v_idxs, il);
+    ggml_tensor * k2 = ggml_reshape_2d(ctx0, k_st, k_st->ne[0], ggml_nelements(k_st)/k_st->ne[0]);
+    ggml_tensor * v2 = ggml_reshape_2d(ctx0, v_st, v_st->ne[0], ggml_nelements(v_st)/v_st->ne[0]);
+
+    const int64_t nek = k2->ne[0];
+    const int64_t nev = v2->ne[0];
+
+    const int64_t NS  = inp->state_get->ne[0];
+    const int64_t NR  = inp->fold_rows->ne[0]/NS; // rows per sequence
+
+    ggml_tensor * comp = kv->get_comp(il);                                    // F32 [E = nek + nev, n_seq_max]
+    ggml_tensor * ek = ggml_get_rows(ctx0, k2,   inp->fold_rows);              // F32 [nek, NR*NS] (dequantized)
+    ggml_tensor * ev = ggml_get_rows(ctx0, v2,   inp->fold_rows);              // F32 [nev, NR*NS]
+    ggml_tensor * s0 = ggml_get_rows(ctx0, comp, inp->state_get);              // F32 [E, NS]
+    ggml_tensor * x  = ggml_concat(ctx0,
+            ggml_reshape_3d(ctx0, s0, nek + nev, 1, NS),
+            ggml_reshape_3d(ctx0, ggml_concat(ctx0, ek, ev, 0), nek + nev, NR, NS), 1); // [E, 1 + NR, NS]
+
+    // running sums per sequence, added one row at a time in position order (cumsum is sequential): the
+    // same float operations whatever the ubatch split, so prefill and token-by-token decode agree bitwise
+    ggml_tensor * c = ggml_cumsum(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, x, 1, 0, 2, 3)));   // [1 + NR, E, NS]
+    c = ggml_reshape_2d(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, c, 1, 0, 2, 3)), nek + nev, (NR + 1)*NS);
+
+    // each query's sum / l, then each sequence's new sums
+    ggml_tensor * r = ggml_mul(ctx0, ggml_get_rows(ctx0, c, inp->fold_pick), inp->fold_scale); // [E, T + NS]
+    g.cb(r, "razor_fold", il);
+
+    ggml_tensor * ck = ggml_view_2d(ctx0, r, nek, T, r->nb[1], 0);
+    ggml_tensor * cv = ggml_view_2d(ctx0, r, nev, T, r->nb[1], nek*ggml_element_size(r));
+    ggml_tensor * k_fin = ggml_set_rows(ctx0, k2, ck, inp->scratch_idx);
+    ggml_tensor * v_fin = ggml_set_rows(ctx0, v2, cv, inp->scratch_idx);
+    ggml_build_forward_expand(gf, k_fin);
+    ggml_build_forward_expand(gf, v_fin);
+
+    // the state is read (s0) before it is written: the write consumes r
+    ggml_tensor * sums = ggml_view_2d(ctx0, r, nek + nev, NS, r->nb[1], T*r->nb[1]);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, comp, sums, inp->state_set));
+
+    ggml_tensor * k = razor_view_like(ctx0, k_fin, cl->get_k(ctx0, il));
+    ggml_tensor * v = razor_view_like(ctx0, v_fin, cl->get_v(ctx0, il));
+    ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
+
+    if (n_r == 0) {
+        return out_l;
+    }
+
+    // 4. back to the model's head order
+    ggml_tensor * out = ggml_concat(ctx0,
+            ggml_reshape_3d(ctx0, out_r, d_v*n_gqa, n_r, T),
+            ggml_reshape_3d(ctx0, out_l, d_v*n_gqa, n_l, T), 1);
+    out = ggml_get_rows(ctx0, out, inp->inv_perm[il]);
+
+    return ggml_reshape_2d(ctx0, out, d_v*n_head, T);
+}
+
+//
+// C API
+//
+
+int32_t llama_razor_kv_bytes(const struct llama_context * ctx, int64_t out[4]) {
+    llama_memory_t mem = llama_get_memory(ctx);
+    if (!mem) {
+        return -1;
+    }
+    if (const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(mem)) {
+        rz->kv_bytes(out);
+        return 1;
+    }
+    int64_t total = 0;
+    for (const auto & [buft, size] : mem->memory_breakdown()) {
+        total += size;
+    }
+    out[0] = total;
+    out[1] = 0;
+    out[2] = 0;
+    out[3] = total;
+    return 0;
+}
+
+int32_t llama_razor_head_map(const struct llama_context * ctx, int32_t * out, int32_t n) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz) {
+        return 0;
+    }
+    const auto & map = rz->get_config().head_map;
+    for (int32_t i = 0; i < std::min<int32_t>(n, map.size()); ++i) {
+        out[i] = map[i];
+    }
+    return (int32_t) map.size();
+}
+
+int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, uint32_t * n_window) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz) {
+        return 0;
+    }
+    *n_sink   = rz->get_config().n_sink;
+    *n_window = rz->get_config().n_window;
+    return 1;
+}

@@ -1,0 +1,292 @@
+#pragma once
+
+// RazorAttention KV cache (razor-gguf).
+//
+// Retrieval KV heads keep every token in a full cache (kv_retr). Every other ("local") KV head keeps
+// n_sink attention sinks, the n_window most recent positions and one compensation row per query in a
+// small ring (kv_loc): the mean of the evicted keys and values, weighted by their count l through a
+// log(l) term in the attention mask. Eviction depends only on positions, so every local head of every
+// layer evicts the same tokens; only the running sums (Σk, Σv) are per layer and head. They live in an
+// F32 "compensation state" tensor per layer, one column per sequence, and are updated inside the graph.
+//
+// Semantics (exact per token, independent of the ubatch size): a query at position p of a local head
+// sees positions < n_sink, positions in (p - n_window, p] and a compensation row over every position
+// in [n_sink, p - n_window] of its sequence.
+
+#include "llama-kv-cache.h"
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+struct llama_model_loader;
+struct llama_cparams;
+
+struct llama_razor_config {
+    bool     enabled   = false;
+    uint32_t n_sink    = 4;
+    uint32_t n_window  = 512;
+    uint32_t n_layer   = 0;
+    uint32_t n_head_kv = 0;
+
+    // razor.compensation: the log(l)-weighted mean row of the evicted tokens (SPEC); off = sinks + window only
+    bool compensation = true;
+
+    std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval
+
+    uint32_t n_retrieval(uint32_t il) const;
+    uint32_t n_local    (uint32_t il) const { return n_head_kv - n_retrieval(il); }
+};
+
+// reads the razor.* metadata (kv_overrides apply: razor.enabled, razor.n_sink, razor.window,
+// razor.retrieval_ratio re-applied to the stored scores); nullptr when the model carries no head map
+std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader & ml, const llama_hparams & hparams);
+
+// nullptr when the razor cache can serve this model and context, otherwise the reason it cannot
+const char * llama_razor_unsupported(const llama_model & model, const llama_razor_config & cfg, const llama_cparams & cparams);
+
+struct llama_memory_params;
+
+// the razor cache for a context of model, or nullptr (after one log line saying why, when razor is on)
+// when the stock memory should serve it: razor off, a model or context razor cannot run, no local head
+llama_memory_i * llama_razor_create_memory(
+        const llama_model & model,
+ const llama_razor_config & cfg,
+const llama_memory_params & params,
+      const llama_cparams & cparams);
+
+class llama_kv_cache_razor : public llama_memory_i {
+public:
+    // the stored sums lag the eviction frontier by up to n_margin positions: the rows in between stay in
+    // the ring and are re-added every graph, so trimming up to n_margin tokens is exact
+    struct seq_state {
+        uint32_t  l = 0;  // number of tokens in the stored sums
+        llama_pos g = -1; // every cached position in [n_sink, g] is in the stored sums
+    };
+
+    llama_kv_cache_razor(
+            const llama_model & model,
+     const llama_razor_config & cfg,
+                    ggml_type   type_k,
+                    ggml_type   type_v,
+                         bool   offload,
+                         bool   unified,
+                     uint32_t   kv_size,
+                     uint32_t   n_seq_max,
+                     uint32_t   n_ubatch);
+
+    ~llama_kv_cache_razor() = default;
+
+    //
+    // llama_memory_i
+    //
+
+    llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
+    llama_memory_context_ptr init_full() override;
+    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
+
+    bool get_can_shift() const override;
+
+    void clear(bool data) override;
+
+    bool seq_rm  (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1) override;
+    void seq_cp  (llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) override;
+    void seq_keep(llama_seq_id seq_id)                                                          override;
+    void seq_add (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, llama_pos shift) override;
+    void seq_div (llama_seq_id seq_id,                              llama_pos p0, llama_pos p1, int d) override;
+
+    llama_pos seq_pos_min(llama_seq_id seq_id) const override;
+    llama_pos seq_pos_max(llama_seq_id seq_id) const override;
+
+    std::map<ggml_backend_buffer_type_t, size_t> memory_breakdown() const override;
+
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) const override;
+    void state_read (llama_io_read_i  & io, llama_seq_id seq_id = -1, llama_state_seq_flags flags = 0) override;
+
+    //
+    // razor API
+    //
+
+    llama_kv_cache * get_retr() const { return kv_retr.get(); } // nullptr when no head is a retrieval head
+    llama_kv_cache * get_loc () const { return kv_loc.get(); }
+
+    const llama_razor_config & get_config() const { return cfg; }
+
+    uint32_t n_retrieval(int32_t il) const { return cfg.n_retrieval(il); }
+    uint32_t n_local    (int32_t il) const { return cfg.n_local(il); }
+
+    // KV head order [retrieval..., local...] of layer il and its inverse
+    const std::vector<int32_t> & perm    (int32_t il) const { return perms[il]; }
+    const std::vector<int32_t> & inv_perm(int32_t il) const { return inv_perms[il]; }
+
+    ggml_tensor * get_comp(int32_t il) const { return comp[il]; }
+
+    uint32_t get_n_margin() const { return n_margin; }
+
+    // bytes: retrieval cache, local ring, compensation state, and a stock cache of the same context
+    void kv_bytes(int64_t out[4]) const;
+
+    // fold plan of one ubatch; computed in apply() once the ubatch has been placed in kv_loc
+    struct fold_plan {
+        uint32_t n_tokens = 0;
+        uint32_t n_seqs   = 0;
+
+        uint32_t n_rows = 0;             // rows per sequence: n_margin + n_tokens
+        std::vector<int32_t> rows;       // [n_seqs*n_rows] kv_loc rows (stream*size + cell) evicted but not in the stored
+                                         //   sums, n_rows per sequence in position order, padded with row 0
+        std::vector<std::vector<std::pair<uint32_t, llama_pos>>> hide; // per sequence: (mask column, pos) of cached
+                                         //   evicted cells, by position: hidden from the queries that evicted them
+        std::vector<int32_t> pick;       // [n_tokens + n_seqs] running-sum row giving each query's and sequence's sums
+        std::vector<float>   scale;      // [n_tokens + n_seqs] 1/l for the queries (0 when l == 0), 1 for the sequences
+        std::vector<int64_t> state_cols; // [n_seqs] column of each ubatch sequence in the comp state
+        std::vector<int64_t> scratch;    // [n_tokens] kv_loc row receiving each query's compensation row
+        std::vector<float>   log_l;      // [n_tokens] mask value of the compensation row (-inf when l == 0)
+        std::vector<uint32_t> scratch_col; // [n_tokens] column of the compensation row in the query's mask row
+    };
+
+    // places the plan of ubatch into plan and advances the fold state
+    bool plan_ubatch(const llama_ubatch & ubatch, fold_plan & plan);
+
+private:
+    const llama_model & model;
+    const llama_razor_config cfg;
+
+    // per-cache copies with n_head_kv_arr = retrieval / local head counts (the caches keep a reference)
+    llama_hparams hparams_retr;
+    llama_hparams hparams_loc;
+
+    const uint32_t n_seq_max;
+    const bool     unified;
+    const uint32_t n_scratch; // compensation rows per stream (one per query of a ubatch)
+    uint32_t       n_margin = 0; // evicted positions kept in the ring beyond the window (exact trims)
+
+    std::unique_ptr<llama_kv_cache> kv_retr;
+    std::unique_ptr<llama_kv_cache> kv_loc;
+
+    std::vector<std::vector<int32_t>> perms;
+    std::vector<std::vector<int32_t>> inv_perms;
+
+    // compensation state: per layer with local heads, F32 [n_embd_k_loc + n_embd_v_loc, n_seq_max] sums
+    std::vector<ggml_tensor *> comp;
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> comp_bufs;
+
+    std::vector<seq_state> seqs; // [n_seq_max]
+
+    int64_t bytes_full_equiv = 0;
+
+    // waits for the context's last graph: seq ops read and write the sums outside the graph, and on an
+    // asynchronous backend (CUDA) that graph may still be updating them when llama_decode has returned
+    std::function<void()> sync_graph;
+
+    void comp_col_get(int32_t il, llama_seq_id s, std::vector<float> & dst) const;
+    void comp_col_set(int32_t il, llama_seq_id s, const std::vector<float> & src);
+
+    void reset_seq(llama_seq_id s);
+
+    friend void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync);
+};
+
+class llama_kv_cache_razor_context : public llama_memory_context_i {
+public:
+    using slot_info_vec_t = llama_kv_cache::slot_info_vec_t;
+
+    llama_kv_cache_razor_context(llama_memory_status status);
+
+    // full-cache context, for reserving worst-case graphs
+    llama_kv_cache_razor_context(llama_kv_cache_razor * kv);
+
+    // update context
+    llama_kv_cache_razor_context(llama_kv_cache_razor * kv, llama_context * lctx, bool optimize);
+
+    // batch context
+    llama_kv_cache_razor_context(
+            llama_kv_cache_razor * kv,
+            slot_info_vec_t sinfos_retr,
+            slot_info_vec_t sinfos_loc,
+            std::vector<llama_ubatch> ubatches);
+
+    virtual ~llama_kv_cache_razor_context();
+
+    bool next()  override;
+    bool apply() override;
+
+    llama_memory_status  get_status() const override;
+    const llama_ubatch & get_ubatch() const override;
+
+    const llama_kv_cache_context * get_retr() const; // nullptr without retrieval heads
+    const llama_kv_cache_context * get_loc () const;
+
+    const llama_kv_cache_razor * get_razor() const { return kv; }
+
+    const llama_kv_cache_razor::fold_plan & get_plan() const { return plan; }
+
+private:
+    llama_kv_cache_razor * kv = nullptr;
+
+    size_t i_next = 0;
+
+    std::vector<llama_ubatch> ubatches;
+
+    llama_memory_context_ptr ctx_retr;
+    llama_memory_context_ptr ctx_loc;
+
+    llama_memory_status status;
+
+    llama_kv_cache_razor::fold_plan plan;
+};
+
+//
+// graph
+//
+
+struct llm_graph_context;
+
+class llm_graph_input_attn_kv_razor : public llm_graph_input_attn_kv {
+public:
+    llm_graph_input_attn_kv_razor(
+            const llama_hparams & hparams,
+            const llama_cparams & cparams,
+            const llama_kv_cache_razor_context * mctx);
+
+    void set_input(const llama_ubatch * ubatch) override;
+
+    bool can_reuse(const llm_graph_params & params) override;
+
+    const llama_kv_cache_razor_context * mctx_razor;
+
+    ggml_tensor * loc_k_idxs  = nullptr; // I64 [n_tokens]
+    ggml_tensor * loc_v_idxs  = nullptr; // I64 [n_tokens]
+    ggml_tensor * loc_kq_mask = nullptr; // F32/F16 [n_kv_loc, n_tokens/n_stream, 1, n_stream]
+
+    ggml_tensor * fold_rows   = nullptr; // I32 [n_rows*n_seqs]
+    ggml_tensor * fold_pick   = nullptr; // I32 [n_tokens + n_seqs]
+    ggml_tensor * fold_scale  = nullptr; // F32 [1, n_tokens + n_seqs]
+    ggml_tensor * state_get   = nullptr; // I32 [n_seqs]
+    ggml_tensor * state_set   = nullptr; // I64 [n_seqs]
+    ggml_tensor * scratch_idx = nullptr; // I64 [n_tokens]
+
+    std::vector<ggml_tensor *> perm;     // per layer, I32 [n_head_kv, n_tokens], only for layers with both head kinds
+    std::vector<ggml_tensor *> inv_perm;
+};
+
+// extra graph nodes the razor attention needs (head permutation, fold, split attention), 0 without razor
+uint32_t llama_razor_n_graph_nodes(const llama_memory_i * mem);
+
+// how the razor cache waits for the context's in-flight graph before it touches its sums (no-op otherwise)
+void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync);
+
+// the razor graph input, or nullptr when mctx is not a razor context
+llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g, const llama_memory_context_i * mctx);
+
+// attention output [n_embd_head_v*n_head, n_tokens] of layer il, or nullptr for layers without local heads
+// (those run the stock path over the retrieval cache, which then holds all of their heads)
+ggml_tensor * llama_razor_build_attn(
+        const llm_graph_context & g,
+        llm_graph_input_attn_kv * inp,
+        ggml_tensor * q_cur,
+        ggml_tensor * k_cur,
+        ggml_tensor * v_cur,
+        ggml_tensor * kq_b,
+        ggml_tensor * sinks,
+        float         kq_scale,
+        int           il);
