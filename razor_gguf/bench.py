@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from .cli import UserError, error
+from .errors import UserError, error
+from .machine import machine_info
 
 # mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
 # A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
@@ -120,76 +120,50 @@ def _worker_main(spec_json: str) -> int:
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def _machine() -> dict:
-    from ._native import NativeLibraryError, build_info
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        mem = None
-    m = {"cpu": cpu, "n_cores": os.cpu_count(), "mem_total_bytes": mem, "os": platform.platform(),
-         "python": platform.python_version(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
-    try:
-        info = build_info()
-        m.update(llama_cpp=f"{info.base_commit} + razor patch {info.patch_version}", backends=list(info.backends))
-    except NativeLibraryError:
-        pass
-    if "cuda" in [b.lower() for b in m.get("backends", [])]:
-        try:
-            r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
-            m["gpu"] = r.stdout.strip().splitlines() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return m
-
-
-def _check(args) -> tuple[list[str], dict]:
+def _check(model: str, ctx: list[int], modes: str | list[str], n_decode: int, kv_only: bool, n_ubatch: int,
+           threads: int | None, razor: dict) -> tuple[list[str], dict]:
     """Validate everything before the first worker starts; returns (modes, razor overrides)."""
     from .metadata import MetadataError, open_gguf, read_razor
 
+    names = modes.split(",") if isinstance(modes, str) else modes
     modes = []
-    for m in (x.strip() for x in args.modes.split(",")):
+    for m in (x.strip() for x in names):
         if m not in MODES:
             raise UserError(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
         if m not in modes:
             modes.append(m)
-    if args.n_decode < 1:
-        raise UserError(f"--n-decode must be >= 1, got {args.n_decode}")
-    min_ctx = MIN_CTX if args.kv_only else max(MIN_CTX, args.n_decode + 1 + MIN_PROMPT)
-    for n in args.ctx:
+    if not ctx:
+        raise UserError("--ctx: give at least one context length")
+    if n_decode < 1:
+        raise UserError(f"--n-decode must be >= 1, got {n_decode}")
+    min_ctx = MIN_CTX if kv_only else max(MIN_CTX, n_decode + 1 + MIN_PROMPT)
+    for n in ctx:
         if n < min_ctx:
-            why = "" if min_ctx == MIN_CTX else f" (--n-decode {args.n_decode} + 1 + a {MIN_PROMPT}-token prompt)"
+            why = "" if min_ctx == MIN_CTX else f" (--n-decode {n_decode} + 1 + a {MIN_PROMPT}-token prompt)"
             raise UserError(f"--ctx {n} is too small: at least {min_ctx}{why}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
-    if args.n_ubatch < 1:
-        raise UserError(f"--n-ubatch must be >= 1, got {args.n_ubatch}")
-    from .options import razor_overrides  # the same checks and kv_overrides keys as razor_gguf.Llama
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if n_ubatch < 1:
+        raise UserError(f"--n-ubatch must be >= 1, got {n_ubatch}")
+    from .overrides import razor_overrides  # the same checks and kv_overrides keys as razor_gguf.Llama
 
     try:
-        overrides = razor_overrides(n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio)
+        overrides = razor_overrides(**razor)
     except ValueError as e:
         raise UserError("--" + str(e).replace("_", "-", 1)) from None
 
     try:
-        reader = open_gguf(args.model)
+        reader = open_gguf(model)
         info = read_razor(reader)
     except MetadataError as e:
         raise UserError(str(e)) from None
     if info is None and any(MODES[m][0] for m in modes):
-        raise UserError(f"{args.model}: no razor.* keys, so the razor modes cannot run "
+        raise UserError(f"{model}: no razor.* keys, so the razor modes cannot run "
                         f"(run razor-gguf embed-heads first, or use --modes full)")
     arch = reader.get_field("general.architecture")
     train = reader.get_field(f"{arch.contents()}.context_length") if arch else None
-    if train is not None and max(args.ctx) > int(train.contents()):
-        print(f"bench: note: --ctx {max(args.ctx)} is beyond the model's training context "
+    if train is not None and max(ctx) > int(train.contents()):
+        print(f"bench: note: --ctx {max(ctx)} is beyond the model's training context "
               f"{int(train.contents())}; speed and KV bytes are still measured, output quality is not",
               file=sys.stderr)
     return modes, overrides
@@ -250,27 +224,46 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(args) -> dict:
-    modes, overrides = _check(args)
+def bench(
+    model: str,
+    ctx: list[int],
+    *,
+    modes: str | list[str] = DEFAULT_MODES,
+    n_decode: int = 64,
+    kv_only: bool = False,
+    n_ubatch: int = 512,
+    threads: int | None = None,
+    n_gpu_layers: int = 0,
+    n_sink: int | None = None,
+    window: int | None = None,
+    retrieval_ratio: float | None = None,
+) -> dict:
+    """Measure every mode at every context length, each in a fresh worker process.
+
+    Returns the `razor-gguf bench --json` object; bad input raises UserError before any run.
+    Razor options left at None take the model's metadata.
+    """
+    razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio}
+    modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     settings = {
-        "modes": modes, "ctx": list(args.ctx), "n_decode": None if args.kv_only else args.n_decode,
-        "kv_only": args.kv_only, "n_batch": args.n_ubatch, "n_ubatch": args.n_ubatch, "flash_attn": True,
-        "n_threads": args.threads or os.cpu_count(), "n_gpu_layers": args.n_gpu_layers,
+        "modes": modes, "ctx": list(ctx), "n_decode": None if kv_only else n_decode,
+        "kv_only": kv_only, "n_batch": n_ubatch, "n_ubatch": n_ubatch, "flash_attn": True,
+        "n_threads": threads or os.cpu_count(), "n_gpu_layers": n_gpu_layers,
         "razor_overrides": overrides, "prompt": f"random ids in [100, min(n_vocab, 30000)), seed {SEED}",
     }
-    res = {"model": os.path.abspath(args.model), "machine": _machine(), "settings": settings, "runs": []}
-    for n in args.ctx:
+    res = {"model": os.path.abspath(model), "machine": machine_info(), "settings": settings, "runs": []}
+    for n in ctx:
         for mode in modes:
             print(f"bench: {mode} at ctx {n} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            run = _spawn({"model": res["model"], "mode": mode, "ctx": n, "n_decode": args.n_decode,
-                          "kv_only": args.kv_only, "n_ubatch": args.n_ubatch, "n_threads": settings["n_threads"],
-                          "n_gpu_layers": args.n_gpu_layers, "razor_overrides": overrides})
+            run = _spawn({"model": res["model"], "mode": mode, "ctx": n, "n_decode": n_decode,
+                          "kv_only": kv_only, "n_ubatch": n_ubatch, "n_threads": settings["n_threads"],
+                          "n_gpu_layers": n_gpu_layers, "razor_overrides": overrides})
             res["runs"].append(run)
             if not run["supported"]:
                 print(f"bench: {mode} at ctx {n}: not run: {run['reason']}", file=sys.stderr, flush=True)
                 continue
-            speed = "" if args.kv_only else \
+            speed = "" if kv_only else \
                 f", prefill {run['prefill_tps']:.1f} tok/s, decode {run['decode_tps']:.2f} tok/s"
             print(f"bench: {mode} at ctx {n}: KV {run['kv_bytes'] / 2**20:.1f} MiB{speed} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -314,7 +307,9 @@ def cmd_bench(args) -> int:
                 plotting.preflight(args.plot)
             except plotting.PlotError as e:
                 raise UserError(str(e)) from None
-        res = bench(args)
+        res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
+                    n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                    n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .cli import UserError
+from .errors import UserError
 from .options import add_model_arguments, llama_kwargs, load_model, razor_kwargs
 
 TRANSCRIPT_FORMAT = "razor-gguf-chat/1"
@@ -289,7 +289,7 @@ class Terminal:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .cli import error
+    from .errors import error
 
     try:
         if args.max_tokens < 1:

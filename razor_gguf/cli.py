@@ -9,16 +9,6 @@ import sys
 from . import __version__
 
 
-class UserError(Exception):
-    """A bad input: the command reports it as one line and exits with status 2."""
-
-
-def error(msg: str) -> int:
-    """Report a user mistake as one line on stderr; the caller returns this exit status (2)."""
-    print(f"razor-gguf: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def version_text() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

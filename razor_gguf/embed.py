@@ -8,7 +8,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .cli import UserError, error
+from .errors import UserError, error
 from .metadata import (
     DEFAULT_N_SINK,
     DEFAULT_WINDOW,
@@ -20,6 +20,10 @@ from .metadata import (
     sha256_file,
     write_with_razor,
 )
+
+# The paper's B=2500, shrunk to fit the context (SmolLM2: B=2047, T=8189, ~70 s and 1.2 GiB on 2 cores).
+# Attention work grows as T^2: a smaller --probe-len trades fidelity for speed on big models.
+DEFAULT_CLI_PROBE_LEN = 2500
 
 
 def _bar(total, desc, unit="it", **kw):
@@ -51,27 +55,48 @@ def _ratio(name: str, v: float) -> float:
     return v
 
 
-def embed_heads(args) -> dict:
-    reader = open_gguf(args.input)
+def embed_heads(
+    input: str,
+    output: str | None = None,
+    *,
+    induction_ratio: float | None = None,
+    echo_ratio: float | None = None,
+    probe_len: int = DEFAULT_CLI_PROBE_LEN,
+    seed: int | None = None,
+    n_sink: int = DEFAULT_N_SINK,
+    window: int = DEFAULT_WINDOW,
+    force: bool = False,
+    dry_run: bool = False,
+) -> dict:
+    """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
+
+    Returns the summary `razor-gguf inspect --json` prints for the written file, plus `output`,
+    `dry_run` and the scoring time. `input` is never modified. Ratios and seed default to the
+    paper's (razor_gguf.scoring); bad input raises UserError (or MetadataError for a bad GGUF).
+    """
+    reader = open_gguf(input)
     from .reference import ReferenceError, read_hparams
 
     try:
         hp = read_hparams(reader)
     except ReferenceError as e:
-        raise UserError(f"{args.input}: {e}") from None
+        raise UserError(f"{input}: {e}") from None
     except Exception as e:
-        raise UserError(f"{args.input}: missing or bad model metadata ({type(e).__name__}: {e})") from None
-    if razor_keys(reader) and not args.force:
-        raise UserError(f"{args.input}: already has razor.* keys (use --force to replace them)")
-    if not args.dry_run:
-        if not args.output:
+        raise UserError(f"{input}: missing or bad model metadata ({type(e).__name__}: {e})") from None
+    if razor_keys(reader) and not force:
+        raise UserError(f"{input}: already has razor.* keys (use --force to replace them)")
+    if not dry_run:
+        if not output:
             raise UserError("embed-heads needs -o OUT.gguf (or --dry-run)")
-        _check_output(args.output, args.force)
-    _ratio("induction-ratio", args.induction_ratio)
-    _ratio("echo-ratio", args.echo_ratio)
-    if args.probe_len < 2:
-        raise UserError(f"--probe-len must be at least 2, got {args.probe_len}")
-    if args.window < 1 or args.n_sink < 0:
+        _check_output(output, force)
+    from .scoring import DEFAULT_ECHO_RATIO, DEFAULT_INDUCTION_RATIO, DEFAULT_SEED
+
+    induction_ratio = _ratio("induction-ratio", DEFAULT_INDUCTION_RATIO if induction_ratio is None else induction_ratio)
+    echo_ratio = _ratio("echo-ratio", DEFAULT_ECHO_RATIO if echo_ratio is None else echo_ratio)
+    seed = DEFAULT_SEED if seed is None else seed
+    if probe_len < 2:
+        raise UserError(f"--probe-len must be at least 2, got {probe_len}")
+    if window < 1 or n_sink < 0:
         raise UserError("--window must be >= 1 and --n-sink >= 0")
     try:
         import torch  # noqa: F401
@@ -82,46 +107,46 @@ def embed_heads(args) -> dict:
     from .scoring import fit_probe_len, score_model
 
     try:
-        fit_probe_len(hp.n_ctx_train, args.probe_len)
+        fit_probe_len(hp.n_ctx_train, probe_len)
     except ValueError as e:
-        raise UserError(f"{args.input}: {e}") from None
+        raise UserError(f"{input}: {e}") from None
     model = ReferenceModel.__new__(ReferenceModel)
-    model.path, model.reader, model.hp = args.input, reader, hp
+    model.path, model.reader, model.hp = input, reader, hp
     from .reference import GGUFWeights
 
     model.w = GGUFWeights(reader)
     with _bar(hp.n_layer, "scoring layers", unit="layer") as bar:
         scores = score_model(
-            args.input,
-            probe_len=args.probe_len,
-            seed=args.seed,
-            induction_ratio=args.induction_ratio,
-            echo_ratio=args.echo_ratio,
+            input,
+            probe_len=probe_len,
+            seed=seed,
+            induction_ratio=induction_ratio,
+            echo_ratio=echo_ratio,
             progress=lambda il: bar.update(1),
             model=model,
         )
-    size = os.path.getsize(args.input)
+    size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
-        digest = sha256_file(args.input, bar.update)
+        digest = sha256_file(input, bar.update)
     kv = build_razor_kv(
         scores,
-        n_sink=args.n_sink,
-        window=args.window,
-        source_name=os.path.basename(args.input),
+        n_sink=n_sink,
+        window=window,
+        source_name=os.path.basename(input),
         source_sha256=digest,
         tool_version=__version__,
     )
-    if not args.dry_run:
+    if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
         with _bar(total, "writing", unit="B", unit_scale=True) as bar:
             try:
-                write_with_razor(reader, args.output, kv, bar.update)
+                write_with_razor(reader, output, kv, bar.update)
             except OSError as e:
-                raise UserError(f"{args.output}: write failed ({e.strerror or e})") from None
+                raise UserError(f"{output}: write failed ({e.strerror or e})") from None
     summary = _summary_from_kv(kv)
     summary["provenance"]["seconds"] = scores.provenance["seconds"]
-    summary["output"] = None if args.dry_run else os.path.abspath(args.output)
-    summary["dry_run"] = bool(args.dry_run)
+    summary["output"] = None if dry_run else os.path.abspath(output)
+    summary["dry_run"] = bool(dry_run)
     return summary
 
 
@@ -194,7 +219,10 @@ def plot_heads(info: dict, path: str) -> None:
 
 def cmd_embed_heads(args) -> int:
     try:
-        info = embed_heads(args)
+        info = embed_heads(
+            args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
+            probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
+            force=args.force, dry_run=args.dry_run)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -253,7 +281,3 @@ def add_subcommands(sub) -> None:
     i.add_argument("--plot", metavar="heads.png", help="write a layer x head heatmap of both scores")
     i.set_defaults(func=cmd_inspect)
 
-
-# The paper's B=2500, shrunk to fit the context (SmolLM2: B=2047, T=8189, ~70 s and 1.2 GiB on 2 cores).
-# Attention work grows as T^2: a smaller --probe-len trades fidelity for speed on big models.
-DEFAULT_CLI_PROBE_LEN = 2500

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .cli import UserError
+from .errors import UserError
 
 TASKS = ("passkey", "niah", "kld")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -258,7 +258,7 @@ def _unsupported(mode: Mode, n_ctx: int, why: str) -> dict:
 
 
 def evaluate(s: Settings) -> dict:
-    from .bench import _machine
+    from .machine import machine_info
 
     t0 = time.perf_counter()
     runs: list[dict] = []
@@ -279,7 +279,7 @@ def evaluate(s: Settings) -> dict:
                         runs.append(run_retrieval(s, mode, length, bar))
                     else:
                         runs.append(_unsupported(mode, ctx_for(length), why) | {"length": length})
-    return {"task": s.task, "model": os.path.basename(s.model), "machine": _machine(),
+    return {"task": s.task, "model": os.path.basename(s.model), "machine": machine_info(),
             "settings": {"lengths": s.lengths, "depths": s.depths if s.task != "kld" else None,
                          "retrieval_ratios": s.ratios, "streaming_matches_ratio": STREAMING_MATCHES,
                          "window": s.window, "n_sink": s.n_sink, "n_ubatch": s.n_ubatch, "seed": s.seed,
@@ -416,7 +416,7 @@ def settings_from_args(args) -> Settings:
 
 
 def cmd_eval(args) -> int:
-    from .cli import error
+    from .errors import error
 
     try:
         s = settings_from_args(args)

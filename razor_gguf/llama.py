@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from . import _native
-from .options import razor_overrides
+from .overrides import razor_overrides
 
 _llama_cpp = _native.load_llama_cpp()
 

@@ -180,7 +180,7 @@ def cli_models_path(name: str) -> int:
     try:
         path = model_path(name)
     except ModelFetchError as e:
-        from .cli import error
+        from .errors import error
 
         return error(str(e))
     print(path)

@@ -14,13 +14,13 @@ import os
 import sys
 from typing import Any
 
-from .cli import UserError
+from .errors import UserError
 from .options import _env, add_model_arguments, check_model_file, llama_kwargs, razor_kwargs
 
 
 def kv_override_strings(razor: dict[str, Any]) -> list[str]:
     """razor_gguf.Llama's razor options as llama_cpp.server's `key=type:value` kv_overrides."""
-    from .options import razor_overrides
+    from .overrides import razor_overrides
 
     out = []
     for key, value in razor_overrides(**razor).items():
@@ -153,7 +153,7 @@ def build_app(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .cli import error
+    from .errors import error
 
     try:
         app, stats = build_app(args)
@@ -187,7 +187,7 @@ def add_subcommand(sub) -> None:
 
 
 def _cmd_serve_with_env(args: argparse.Namespace) -> int:
-    from .cli import error
+    from .errors import error
 
     if args.port is None:
         try:

@@ -145,3 +145,15 @@ def test_worker_failure_is_one_line(tmp_path):
     w.close()
     r = _bench(path, "--ctx", 256, "--modes", "full")
     _assert_user_error(r, "full at --ctx 256", "Failed to load model")
+
+
+def test_library_entry_point_takes_plain_parameters(smollm2_path):
+    # Python callers need no argparse namespace; bad input is the same UserError the CLI prints.
+    from razor_gguf.bench import bench
+    from razor_gguf.errors import UserError
+
+    res = bench(smollm2_path, [1024], modes=["full"], kv_only=True)
+    (run,) = res["runs"]
+    assert (run["mode"], run["ctx"]) == ("full", 1024) and run["kv_bytes"] == run["kv_bytes_full_equiv"]
+    with pytest.raises(UserError, match="unknown mode 'fast'"):
+        bench(smollm2_path, [1024], modes="fast")

@@ -131,6 +131,20 @@ def test_force_replaces_keys_dry_run_writes_nothing(scored, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_library_entry_point_takes_plain_parameters(smollm2_path, tmp_path):
+    # Python callers need no argparse namespace; bad input is the same UserError the CLI prints.
+    from razor_gguf.embed import embed_heads
+    from razor_gguf.errors import UserError
+
+    info = embed_heads(smollm2_path, dry_run=True, probe_len=8)
+    assert info["dry_run"] is True and info["output"] is None
+    assert info["provenance"]["probe.length"] == 8 and info["retrieval_count"] > 0
+    with pytest.raises(UserError, match="--echo-ratio must be between 0 and 1"):
+        embed_heads(smollm2_path, dry_run=True, echo_ratio=1.5)
+    with pytest.raises(UserError, match="needs -o"):
+        embed_heads(smollm2_path)
+
+
 def test_force_rewrite_in_place_replaces_keys(scored, tmp_path):
     import shutil
 
