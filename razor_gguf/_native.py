@@ -18,7 +18,7 @@ import cffi
 
 BINDING_VERSION = "0.3.36"
 BASE_COMMIT = "0c1e57098"
-MIN_PATCH_VERSION = 2
+MIN_PATCH_VERSION = 3
 
 _CDEF = """
 uint32_t     llama_razor_patch_version(void);
@@ -27,6 +27,7 @@ const char * llama_razor_backends(void);
 int32_t      llama_razor_kv_bytes(const void * ctx, int64_t out[4]);
 int32_t      llama_razor_head_map(const void * ctx, int32_t * out, int32_t n);
 int32_t      llama_razor_window(const void * ctx, uint32_t * n_sink, uint32_t * n_window);
+int32_t      llama_razor_n_ubatch(const void * ctx);
 """
 
 
@@ -183,6 +184,13 @@ def head_map(ctx) -> list[int] | None:
     buf = ffi.new("int32_t[]", n)
     lib.llama_razor_head_map(p, buf, n)
     return [int(x) for x in buf]
+
+
+def n_ubatch(ctx) -> int | None:
+    """Tokens per ubatch the razor cache runs (at most the context's n_ubatch), None for a stock cache."""
+    ffi, lib = razor_lib()
+    n = int(lib.llama_razor_n_ubatch(ffi.cast("void *", _ctx_ptr(ctx))))
+    return n or None
 
 
 def window(ctx) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ import time
 
 from .errors import UserError, error
 from .machine import machine_info
+from .options import add_kv_budget_argument
 
 # mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
 # A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
@@ -112,7 +113,8 @@ def _worker_main(spec_json: str) -> int:
     try:
         out = run_one(json.loads(spec_json))
     except Exception as e:  # reported by the parent as one line
-        out = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        # a ValueError is llama-cpp-python's or razor's own message (a failed load, a budget that cannot be met)
+        out = {"error": (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}").splitlines()[0]}
     print(json.dumps(out), flush=True)
     return 1 if "error" in out else 0
 
@@ -237,13 +239,14 @@ def bench(
     n_sink: int | None = None,
     window: int | None = None,
     retrieval_ratio: float | None = None,
+    kv_budget: float | str | None = None,
 ) -> dict:
     """Measure every mode at every context length, each in a fresh worker process.
 
     Returns the `razor-gguf bench --json` object; bad input raises UserError before any run.
-    Razor options left at None take the model's metadata.
+    Razor options left at None take the model's metadata; kv_budget sets the window per context.
     """
-    razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio}
+    razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     settings = {
         "modes": modes, "ctx": list(ctx), "n_decode": None if kv_only else n_decode,
@@ -309,7 +312,8 @@ def cmd_bench(args) -> int:
                 raise UserError(str(e)) from None
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                    n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio)
+                    n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
+                    kv_budget=args.kv_budget)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -333,6 +337,7 @@ def add_subcommand(sub) -> None:
     b.add_argument("--window", type=int, help="razor.window override (default: the model's)")
     b.add_argument("--n-sink", type=int, help="razor.n_sink override (default: the model's)")
     b.add_argument("--retrieval-ratio", type=float, help="re-select retrieval heads from the stored scores")
+    add_kv_budget_argument(b)
     b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     b.add_argument("--n-ubatch", type=int, default=512,
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")

@@ -243,6 +243,8 @@ class Terminal:
             self.say(f"  retrieval {mib(st['retrieval_bytes'])} + local {mib(st['local_bytes'])} + "
                      f"compensation {mib(st['compensation_bytes'])} = {mib(st['kv_bytes'])}")
             self.say(f"  full cache would be {mib(st['full_equiv_bytes'])}: saving {st['saving']:.1%}")
+            if st.get("kv_budget") is not None:
+                self.say(f"  KV budget {st['kv_budget']}: bought window {st['window']} ({st['kv_fraction']:.1%} of the full cache)")
         else:
             self.say(f"KV cache: full, {mib(st['kv_bytes'])}")
         if self.s.last is not None:

@@ -9,6 +9,7 @@ reuse between trials) with greedy decoding, so a run is deterministic for a give
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
+from .options import add_kv_budget_argument
 
 TASKS = ("passkey", "niah", "kld")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -50,6 +52,7 @@ class Settings:
     window: int | None = None
     n_sink: int | None = None
     compensation: bool | None = None  # razor modes only; StreamingLLM never has the row
+    kv_budget: float | str | None = None  # razor and StreamingLLM each get the largest window within it
     n_ubatch: int = 256
     threads: int | None = None
     seed: int = 0
@@ -74,15 +77,18 @@ def load(s: Settings, mode: Mode, n_ctx: int, **extra):
         kw.update(n_threads=s.threads, n_threads_batch=s.threads)
     razor = dict(mode.razor)
     if mode.name == "razor":
-        razor.setdefault("window", s.window)
+        if s.kv_budget is not None:
+            razor.setdefault("kv_budget", s.kv_budget)
+        else:
+            razor.setdefault("window", s.window)
         razor.setdefault("n_sink", s.n_sink)
     elif mode.name == "streaming":
         razor.setdefault("n_sink", s.n_sink)
     return Llama(model_path=s.model, **kw, **razor)
 
 
-def kv_bytes_of(s: Settings, mode: Mode, n_ctx: int) -> tuple[int | None, str | None]:
-    """(allocated KV bytes of a mode at n_ctx, None) or (None, why it cannot run there)."""
+def stats_of(s: Settings, mode: Mode, n_ctx: int) -> tuple[dict | None, str | None]:
+    """(razor_stats of a mode at n_ctx, None) or (None, why it cannot run there)."""
     from .llama import RazorUnavailableError
 
     try:
@@ -90,13 +96,36 @@ def kv_bytes_of(s: Settings, mode: Mode, n_ctx: int) -> tuple[int | None, str | 
     except RazorUnavailableError as e:
         return None, str(e)
     try:
-        return llm.razor_stats()["kv_bytes"], None
+        return llm.razor_stats(), None
     finally:
         llm.close()
 
 
+def kv_bytes_of(s: Settings, mode: Mode, n_ctx: int) -> tuple[int | None, str | None]:
+    """(allocated KV bytes of a mode at n_ctx, None) or (None, why it cannot run there)."""
+    st, why = stats_of(s, mode, n_ctx)
+    return (st["kv_bytes"] if st else None), why
+
+
+def common_ubatch(s: Settings, modes: list[tuple[Mode, str | None]], n_ctx: int) -> int:
+    """The ubatch size every mode runs at one context: the smallest a razor cache among them splits batches
+    into (llama_razor_n_ubatch), so the full cache and every razor mode see the same ubatch boundaries.
+    llama.cpp's kernels are not batch-invariant (SmolLM2: KLD ~0.004 between ubatch sizes with nothing
+    evicted), which would otherwise count against razor."""
+    n = s.n_ubatch
+    for mode, why in modes:
+        if why is None and mode.name != "full":
+            st, _ = stats_of(s, mode, n_ctx)
+            n = min(n, st["n_ubatch"] or n) if st else n
+    return n
+
+
 def streaming_mode(s: Settings, n_ctx: int) -> tuple[Mode | None, str | None]:
-    """StreamingLLM with the largest window whose allocated KV bytes do not exceed razor's at 15%."""
+    """StreamingLLM with the largest window whose allocated KV bytes do not exceed razor's at 15% (or, with
+    a KV budget, the largest window within that budget, as razor gets)."""
+    if s.kv_budget is not None:
+        m = Mode("streaming", 0.0, {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "kv_budget": s.kv_budget})
+        return m, kv_bytes_of(s, m, n_ctx)[1]
     target, why = kv_bytes_of(s, Mode("razor", STREAMING_MATCHES, {"razor": True, "retrieval_ratio": STREAMING_MATCHES}),
                               n_ctx)
     if target is None:
@@ -192,14 +221,14 @@ def run_retrieval(s: Settings, mode: Mode, length: int, bar) -> dict:
     finally:
         llm.close()
     n_ok = sum(c["correct"] for c in cells)
-    return {**_run_head(mode, st, ctx_for(length)), "length": length, "accuracy": n_ok / len(cells),
+    return {**_run_head(mode, st, ctx_for(length), s), "length": length, "accuracy": n_ok / len(cells),
             "correct": n_ok, "trials": len(cells), "cells": cells}
 
 
-def _run_head(mode: Mode, st: dict, n_ctx: int) -> dict:
+def _run_head(mode: Mode, st: dict, n_ctx: int, s: Settings) -> dict:
     return {"mode": mode.name, "retrieval_ratio": mode.retrieval_ratio, "supported": True, "ctx": n_ctx,
             "kv_bytes": st["kv_bytes"], "kv_bytes_full_equiv": st["full_equiv_bytes"], "n_sink": st["n_sink"],
-            "window": st["window"], "retrieval_heads": st["retrieval_heads"],
+            "window": st["window"], "retrieval_heads": st["retrieval_heads"], "n_ubatch": s.n_ubatch,
             "compensation": None if mode.name == "full" else mode.razor.get("compensation") is not False}
 
 
@@ -235,13 +264,13 @@ def run_kld(s: Settings, modes: list[tuple[Mode, str | None]], length: int, bar)
             llm.close()
         if mode.name == "full":
             ref = logits
-            runs.append(_run_head(mode, st, n_ctx) | {"length": length, "kld_mean": 0.0, "top1_agreement": 1.0,
+            runs.append(_run_head(mode, st, n_ctx, s) | {"length": length, "kld_mean": 0.0, "top1_agreement": 1.0,
                                                       "trials": 1})
             continue
         kl, top1 = kl_and_top1(ref, logits)
         # Row i predicts token i+1 from tokens 0..i: nothing is evicted while i < n_sink + window.
         lo = min((st["n_sink"] or 0) + (st["window"] or 0), len(kl))
-        runs.append(_run_head(mode, st, n_ctx) | {
+        runs.append(_run_head(mode, st, n_ctx, s) | {
             "length": length, "kld_mean": float(kl.mean()), "top1_agreement": float(top1.mean()),
             "kld_mean_within_window": float(kl[:lo].mean()) if lo else None,
             "top1_agreement_within_window": float(top1[:lo].mean()) if lo else None,
@@ -264,25 +293,27 @@ def evaluate(s: Settings) -> dict:
     runs: list[dict] = []
     plan = []
     for length in s.lengths:
-        plan.append((length, modes_for(s, ctx_for(length))))
+        ms = modes_for(s, ctx_for(length))
+        plan.append((length, ms, dataclasses.replace(s, n_ubatch=common_ubatch(s, ms, ctx_for(length)))))
     if s.task == "kld":
-        total = sum(length * sum(why is None for _, why in ms) for length, ms in plan)
+        total = sum(length * sum(why is None for _, why in ms) for length, ms, _ in plan)
         with _bar(total, "kld", s.progress, unit="token") as bar:
-            for length, ms in plan:
-                runs += run_kld(s, ms, length, bar)
+            for length, ms, s_ctx in plan:
+                runs += run_kld(s_ctx, ms, length, bar)
     else:
-        total = sum(len(s.depths) * sum(why is None for _, why in ms) for _, ms in plan)
+        total = sum(len(s.depths) * sum(why is None for _, why in ms) for _, ms, _ in plan)
         with _bar(total, s.task, s.progress) as bar:
-            for length, ms in plan:
+            for length, ms, s_ctx in plan:
                 for mode, why in ms:
                     if why is None:
-                        runs.append(run_retrieval(s, mode, length, bar))
+                        runs.append(run_retrieval(s_ctx, mode, length, bar))
                     else:
                         runs.append(_unsupported(mode, ctx_for(length), why) | {"length": length})
     return {"task": s.task, "model": os.path.basename(s.model), "machine": machine_info(),
             "settings": {"lengths": s.lengths, "depths": s.depths if s.task != "kld" else None,
                          "retrieval_ratios": s.ratios, "streaming_matches_ratio": STREAMING_MATCHES,
-                         "window": s.window, "n_sink": s.n_sink, "n_ubatch": s.n_ubatch, "seed": s.seed,
+                         "window": s.window, "n_sink": s.n_sink, "kv_budget": s.kv_budget,
+                         "n_ubatch": s.n_ubatch, "seed": s.seed,
                          "max_new_tokens": MAX_NEW_TOKENS, "flash_attn": True},
             "wall_seconds": round(time.perf_counter() - t0, 1), "runs": runs}
 
@@ -324,7 +355,9 @@ def format_table(res: dict) -> str:
             lines.append(row)
     windows = [f"{r['length']}: W={r['window']}" for r in runs if r["mode"] == "streaming" and r["supported"]]
     if windows:
-        lines.append("streaming windows (equal KV bytes to razor 15%): " + ", ".join(windows))
+        budget = res["settings"].get("kv_budget")
+        same = f"the same KV budget {budget} as razor" if budget is not None else "equal KV bytes to razor 15%"
+        lines.append(f"streaming windows ({same}): " + ", ".join(windows))
     lines += [f"not run: {n}" for n in sorted({r["reason"] for r in runs if not r["supported"]})]
     return "\n".join(lines)
 
@@ -408,10 +441,17 @@ def settings_from_args(args) -> Settings:
             raise UserError(str(e)) from None
     if args.n_ubatch < 1 or (args.window is not None and args.window < 1) or (args.n_sink is not None and args.n_sink < 0):
         raise UserError("--n-ubatch and --window must be >= 1, --n-sink >= 0")
+    if args.kv_budget is not None:
+        from .overrides import razor_overrides
+
+        try:
+            razor_overrides(window=args.window, kv_budget=args.kv_budget)
+        except ValueError as e:
+            raise UserError("--" + str(e).replace("_", "-", 1)) from None
     return Settings(model=args.model, task=args.task, lengths=sorted(set(lengths)),
                     depths=_floats(args.depths, "depths", 0.0, 1.0),
                     ratios=_floats(args.ratios, "ratios", 0.0, 1.0), modes=modes, window=args.window,
-                    n_sink=args.n_sink, compensation=args.compensation, n_ubatch=args.n_ubatch,
+                    n_sink=args.n_sink, compensation=args.compensation, kv_budget=args.kv_budget, n_ubatch=args.n_ubatch,
                     threads=args.threads, seed=args.seed, progress=not args.no_progress)
 
 
@@ -449,6 +489,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--modes", default="full,razor,streaming", help="subset of full,razor,streaming")
     p.add_argument("--window", type=int, help="razor window (default: the model's)")
     p.add_argument("--n-sink", type=int, help="sink tokens (default: the model's)")
+    add_kv_budget_argument(p)
     p.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="razor modes: keep the compensation row (default: on, SPEC section 1)")
     p.add_argument("--n-ubatch", type=int, default=256, help="ubatch size (default 256)")

@@ -11,7 +11,8 @@ from .overrides import razor_overrides
 
 _llama_cpp = _native.load_llama_cpp()
 
-_GGML_LOG_LEVEL_WARN = 3  # enum ggml_log_level in the pinned ggml.h (DEBUG = 1, INFO = 2, WARN = 3)
+_GGML_LOG_LEVEL_WARN = 3  # enum ggml_log_level in the pinned ggml.h (DEBUG = 1, INFO = 2, WARN = 3, ERROR = 4)
+_GGML_LOG_LEVEL_ERROR = 4
 
 
 class RazorUnavailableError(ValueError):
@@ -22,9 +23,11 @@ class RazorLogTap:
     """Collects llama.cpp's `razor:` warnings while a model and context are created.
 
     The patched library explains every fallback to the stock cache (no head map, sliding-window
-    attention, a window that covers the context, ...) in one WARN line. llama-cpp-python drops
-    warnings when verbose=False, so the wrapper listens in to repeat the reason to the user in one
-    line. Everything else (and, when verbose, those lines too) goes on to llama-cpp-python's callback.
+    attention, a window that covers the context, ...) in one WARN line, and a razor setting it cannot
+    honour (a KV budget below the smallest cache) in one ERROR line before the load fails.
+    llama-cpp-python drops those when verbose=False, so the wrapper listens in to repeat them to the
+    user in one line. Everything else (and, when verbose, those lines too) goes on to
+    llama-cpp-python's callback.
     """
 
     def __init__(self, verbose: bool = True) -> None:
@@ -32,12 +35,13 @@ class RazorLogTap:
 
         self._forward = _logger.llama_log_callback
         self.lines: list[str] = []
+        self.errors: list[str] = []
 
         @_llama_cpp.llama_log_callback
         def tap(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level == _GGML_LOG_LEVEL_WARN and b"razor:" in text:
+            if level in (_GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_ERROR) and b"razor:" in text:
                 msg = text.decode("utf-8", "replace").strip()
-                self.lines.append(msg.split("razor: ", 1)[-1])
+                (self.lines if level == _GGML_LOG_LEVEL_WARN else self.errors).append(msg.split("razor: ", 1)[-1])
                 if not verbose:
                     return
             self._forward(level, text, user_data)
@@ -73,11 +77,13 @@ def razor_fallback_reason(llm, notes: list[str]) -> str | None:
     return "running the full KV cache (every KV head is a retrieval head)"
 
 
-def razor_stats(llm) -> dict[str, Any]:
+def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     """Allocated KV-cache bytes of a llama_cpp.Llama's context by part, the full-cache equivalent and the saving.
 
     Keys: razor (bool), retrieval_bytes, local_bytes, compensation_bytes, kv_bytes (their sum),
-    full_equiv_bytes, saving (fraction of the full cache not allocated), n_sink, window,
+    full_equiv_bytes, kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
+    (the budget asked for, as given, or the model's razor.kv_budget; None without one), n_sink, window
+    (what the budget bought: the window in effect), n_ubatch (tokens per ubatch the razor cache runs),
     retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
     kb = _native.kv_bytes(llm._ctx.ctx)
     sw = _native.window(llm._ctx.ctx)
@@ -89,9 +95,12 @@ def razor_stats(llm) -> dict[str, Any]:
         "compensation_bytes": kb.compensation,
         "kv_bytes": kb.total,
         "full_equiv_bytes": kb.full_equiv,
+        "kv_fraction": kb.total / kb.full_equiv if kb.full_equiv else None,
         "saving": kb.saving,
+        "kv_budget": kv_budget if kv_budget is not None else llm.metadata.get("razor.kv_budget"),
         "n_sink": sw[0] if sw else None,
         "window": sw[1] if sw else None,
+        "n_ubatch": _native.n_ubatch(llm._ctx.ctx),
         "retrieval_heads": sum(hm) if hm else None,
         "kv_heads": len(hm) if hm else None,
     }
@@ -107,6 +116,10 @@ class Llama(_llama_cpp.Llama):
       n_sink, window: sink tokens and recent window kept for the non-retrieval heads.
       retrieval_ratio: re-select this fraction of KV heads as retrieval heads from the stored scores.
       compensation: keep the compensation row (SPEC section 1); False keeps only sinks + window.
+      kv_budget: the memory the whole KV cache may take, as a fraction of the full cache (0.35) or a
+             size ("96MiB", "1.5GiB"): sets the window for this context (not together with window;
+             retrieval heads always keep every token). A budget below the smallest razor cache of the
+             context is a ValueError naming the smallest.
 
     A model without a head map runs the full cache, with a one-line notice on stderr.
     Prefix reuse across calls is llama-cpp-python's: when the razor cache cannot drop the old tail
@@ -115,15 +128,21 @@ class Llama(_llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args: Any, razor: bool | None = None, n_sink: int | None = None,
                  window: int | None = None, retrieval_ratio: float | None = None,
-                 compensation: bool | None = None, **kwargs: Any) -> None:
-        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation)
+                 compensation: bool | None = None, kv_budget: float | str | None = None, **kwargs: Any) -> None:
+        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget)
         theirs = dict(kwargs.pop("kv_overrides", None) or {})
         clash = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
         if clash:
             raise ValueError(f"razor options contradict kv_overrides for {', '.join(clash)}")
         overrides = {**theirs, **ours}
+        self._razor_budget = kv_budget
         with RazorLogTap(verbose=kwargs.get("verbose", True)) as tap:
-            super().__init__(model_path, *args, kv_overrides=overrides or None, **kwargs)
+            try:
+                super().__init__(model_path, *args, kv_overrides=overrides or None, **kwargs)
+            except ValueError:
+                if tap.errors:  # the razor reason beats "Failed to create llama_context"
+                    raise ValueError(tap.errors[-1]) from None
+                raise
         self._razor_notes = tap.lines
         self._razor_check(overrides.get("razor.enabled"))
 
@@ -152,7 +171,7 @@ class Llama(_llama_cpp.Llama):
 
     def razor_stats(self) -> dict[str, Any]:
         """Allocated KV-cache bytes by part, the full-cache equivalent and the saving (see razor_stats())."""
-        return razor_stats(self)
+        return razor_stats(self, self._razor_budget)
 
 
 __all__ = ["Llama", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats"]

@@ -40,7 +40,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
                    help="flash attention (default on)")
     g = p.add_argument_group("razor (environment variables RAZOR, RAZOR_N_SINK, RAZOR_WINDOW, "
-                             "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION set the defaults)")
+                             "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION, RAZOR_KV_BUDGET set the defaults)")
     g.add_argument("--razor", action=argparse.BooleanOptionalAction, default=None,
                    help="require (--razor) or turn off (--no-razor) the razor KV cache "
                         "(default: on when the model has a head map)")
@@ -50,6 +50,13 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
                    help="re-select this fraction of KV heads as retrieval heads from the stored scores")
     g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="the compensation row of evicted tokens (default: on)")
+    add_kv_budget_argument(g)
+
+
+def add_kv_budget_argument(p) -> None:
+    p.add_argument("--kv-budget", metavar="B",
+                   help="KV memory for the whole cache, a fraction of the full cache (0.35) or a size (96MiB, 1.5GiB): "
+                        "sets the local heads' window for the context (instead of --window)")
 
 
 def razor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +71,7 @@ def razor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "window": pick("window", "RAZOR_WINDOW", int),
         "retrieval_ratio": pick("retrieval_ratio", "RAZOR_RETRIEVAL_RATIO", float),
         "compensation": pick("compensation", "RAZOR_COMPENSATION", _env_bool),
+        "kv_budget": pick("kv_budget", "RAZOR_KV_BUDGET", str),
     }
 
 

@@ -3,15 +3,41 @@ commands and the bench workers carry them to the patched library. Imports nothin
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_kv_budget(value: float | str) -> tuple[str, float | int]:
+    """A KV-cache budget as the razor key that carries it to llama.cpp.
+
+    A fraction of the full cache in (0, 1] (0.35, "0.35") -> ("razor.kv_budget", 0.35); an amount of memory
+    ("96MiB", "1.5 GiB", "500MB") -> ("razor.kv_budget_bytes", bytes). ValueError for anything else."""
+    text = str(value).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KkMmGg][iI]?[Bb])?", text)
+    if m and m.group(2):
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if n > 0:
+            return "razor.kv_budget_bytes", n
+    elif m and 0.0 < float(m.group(1)) <= 1.0:
+        return "razor.kv_budget", float(m.group(1))
+    raise ValueError(f"kv_budget must be a fraction of the full cache in (0, 1] or a size such as 96MiB or 1.5GiB, got {value!r}")
 
 
 def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window: int | None = None,
-                    retrieval_ratio: float | None = None, compensation: bool | None = None) -> dict[str, Any]:
+                    retrieval_ratio: float | None = None, compensation: bool | None = None,
+                    kv_budget: float | str | None = None) -> dict[str, Any]:
     """The kv_overrides that carry the razor options to the patched llama.cpp (SPEC section 2 keys).
 
-    None leaves a setting to the model's razor.* metadata."""
+    None leaves a setting to the model's razor.* metadata. kv_budget (see parse_kv_budget) sets the
+    window for each context so the whole KV cache fits it; it cannot be combined with window."""
     out: dict[str, Any] = {}
+    if kv_budget is not None:
+        if window is not None:
+            raise ValueError("kv_budget and window cannot both be set: the budget sets the window")
+        key, val = parse_kv_budget(kv_budget)
+        out[key] = val
     if razor is not None:
         out["razor.enabled"] = bool(razor)
     if n_sink is not None:

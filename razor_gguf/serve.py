@@ -22,8 +22,12 @@ def kv_override_strings(razor: dict[str, Any]) -> list[str]:
     """razor_gguf.Llama's razor options as llama_cpp.server's `key=type:value` kv_overrides."""
     from .overrides import razor_overrides
 
+    try:
+        overrides = razor_overrides(**razor)
+    except ValueError as e:
+        raise UserError("--" + str(e).replace("_", "-", 1)) from None
     out = []
-    for key, value in razor_overrides(**razor).items():
+    for key, value in overrides.items():
         kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
         out.append(f"{key}={kind}:{str(value).lower() if kind == 'bool' else value}")
     return out
@@ -132,7 +136,7 @@ def build_app(args: argparse.Namespace):
         with RazorLogTap(verbose=args.verbose) as tap:
             app = create_app(server_settings=server_settings, model_settings=[model_settings])
     except ValueError as e:
-        raise UserError(f"{args.model}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
     app.add_middleware(RequestValidation)
     llm = current_model()
     why = None if razor["razor"] is False else razor_fallback_reason(llm, tap.lines)
@@ -147,9 +151,9 @@ def build_app(args: argparse.Namespace):
         # Read without the server's request lock: the sizes are fixed at load time, and taking the lock
         # would queue behind (or, with interrupt_requests, cut off) a running completion.
         m = current_model()
-        return {"model": model_settings.model_alias, **razor_stats(m), "n_ctx": m.n_ctx()}
+        return {"model": model_settings.model_alias, **razor_stats(m, razor["kv_budget"]), "n_ctx": m.n_ctx()}
 
-    return app, razor_stats(llm)
+    return app, razor_stats(llm, razor["kv_budget"])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -79,6 +79,35 @@ def test_matches_oracle_f16(mixed64, flash_attn):
     assert np.abs(got - _oracle(mixed64, toks)).max() < F16_TOL
 
 
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_large_ubatches_split_by_the_ring_match_oracle(mixed, flash_attn):
+    """The context's ubatch (256) is larger than the ring's (86 tokens at window 16: max(32, W/4) grown into
+    the padding): the razor cache splits it itself and stays exact."""
+    toks = _tokens(mixed[1], 300)
+    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_ctx=512, n_batch=256, n_ubatch=256)
+    err = np.abs(got - _oracle(mixed, toks)).max()
+    assert err < (F16_TOL if flash_attn else F32_TOL), err
+
+
+def test_budget_window_matches_oracle(mixed):
+    """A KV budget sets the window per context (here 0.8 of the 512-token full cache, whose retrieval heads
+    alone take half); the cache then matches the oracle at that window."""
+    from razor_gguf import Llama
+
+    llm = Llama(model_path=str(mixed[0]), n_ctx=512, n_batch=256, n_ubatch=256, logits_all=True, kv_budget=0.8,
+                type_k=0, type_v=0, n_threads=2, verbose=False)
+    try:
+        st = llm.razor_stats()
+        assert st["razor"] and st["kv_bytes"] <= 0.8 * st["full_equiv_bytes"] and 16 < st["window"] < 250
+        toks = _tokens(mixed[1], 300)
+        llm.eval([int(t) for t in toks])
+        got = np.array(llm.scores[: len(toks)], dtype=np.float64)
+    finally:
+        llm.close()
+    err = np.abs(got - _oracle(mixed, toks, window=st["window"])).max()
+    assert err < F32_TOL, err
+
+
 @pytest.mark.parametrize("qtype", [GGML_TYPE_Q8_0, GGML_TYPE_Q4_0])
 def test_matches_oracle_quantized(mixed64, qtype):
     toks = _tokens(mixed64[1], 120, seed=3)

@@ -11,7 +11,7 @@ extern "C" {
 #endif
 
 // Bumped whenever the razor patch series changes behaviour or adds entry points.
-#define LLAMA_RAZOR_PATCH_VERSION 2
+#define LLAMA_RAZOR_PATCH_VERSION 3
 
 // Version of the razor patch series compiled into this library.
 LLAMA_API uint32_t llama_razor_patch_version(void);
@@ -34,6 +34,11 @@ LLAMA_API int32_t llama_razor_head_map(const struct llama_context * ctx, int32_t
 
 // n_sink and window in effect; returns 1 for a razor cache, 0 otherwise (outputs untouched).
 LLAMA_API int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, uint32_t * n_window);
+
+// Tokens per ubatch the razor cache runs: batches are split into ubatches of at most this many tokens
+// (at most the context's n_ubatch; smaller where the local ring has no room for more). 0 for a stock cache.
+// Programs comparing razor against the stock cache with equal ubatch boundaries use it as n_ubatch.
+LLAMA_API int32_t llama_razor_n_ubatch(const struct llama_context * ctx);
 
 #ifdef __cplusplus
 }

@@ -116,7 +116,49 @@ void razor_select_top(const std::vector<float> & score, float ratio, std::vector
     }
 }
 
+// a signed 64-bit key (byte counts): kv_overrides first (INT), then the GGUF (any integer type)
+bool razor_get_i64(const llama_model_loader & ml, const char * key, int64_t & out) {
+    if (const auto * o = razor_override(ml, key)) {
+        if (o->tag != LLAMA_KV_OVERRIDE_TYPE_INT) {
+            throw std::runtime_error(format("razor: override %s must be an integer", key));
+        }
+        out = o->val_i64;
+        return true;
+    }
+    const int k = gguf_find_key(ml.metadata, key);
+    if (k < 0) {
+        return false;
+    }
+    switch (gguf_get_kv_type(ml.metadata, k)) {
+        case GGUF_TYPE_UINT32: out = gguf_get_val_u32(ml.metadata, k); return true;
+        case GGUF_TYPE_INT32:  out = gguf_get_val_i32(ml.metadata, k); return true;
+        case GGUF_TYPE_UINT64: out = (int64_t) std::min<uint64_t>(gguf_get_val_u64(ml.metadata, k), INT64_MAX); return true;
+        case GGUF_TYPE_INT64:  out = gguf_get_val_i64(ml.metadata, k); return true;
+        default: throw std::runtime_error(format("razor: metadata key %s must be an integer", key));
+    }
+}
+
 } // namespace
+
+llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
+    const uint32_t n_keep = n_seq_stream*(cfg.n_sink + cfg.n_window);
+    // the slack (one ubatch of new tokens + a scratch row per query) costs at most about half the window
+    const uint32_t n_ub0 = std::max(1u, std::min(n_ubatch, std::max(32u, cfg.n_window/4)));
+
+    llama_razor_ring r;
+    r.size = GGML_PAD(std::min(n_keep + cfg.n_margin_min + n_ub0, kv_size) + n_ub0, 256);
+    if ((uint64_t) n_keep + cfg.n_margin_min + 2ull*n_ubatch <= r.size) {
+        // the context's ubatch fits the padded ring: no split (the same ubatch boundaries as the stock cache)
+        r.n_ubatch = n_ubatch;
+    } else {
+        // the padding first keeps recently evicted rows (they make trims of that many tokens exact), then
+        // holds larger ubatches: fewer graphs per prompt
+        const uint32_t n_spare = r.size - std::min(r.size, n_keep + 2*n_ub0);
+        r.n_ubatch = std::min(n_ubatch, n_ub0 + (n_spare - std::min(n_spare, LLAMA_RAZOR_MARGIN))/2);
+    }
+    r.n_margin = (uint32_t) std::clamp<int64_t>((int64_t) r.size - n_keep - 2*r.n_ubatch, 0, LLAMA_RAZOR_MARGIN);
+    return r;
+}
 
 std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader & ml, const llama_hparams & hparams) {
     const int k_map = gguf_find_key(ml.metadata, "razor.head_map");
@@ -158,6 +200,26 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
     razor_get_uint(ml, "razor.window",  cfg->n_window);
     razor_get_bool(ml, "razor.compensation", cfg->compensation);
 
+    // a memory budget sets the window per context (llama_razor_fit_budget); a window given at load time wins
+    // over a budget stored in the model, both given at load time is a mistake
+    const bool window_override = razor_override(ml, "razor.window") != nullptr;
+    const bool budget_override = razor_override(ml, "razor.kv_budget") || razor_override(ml, "razor.kv_budget_bytes");
+    if (window_override && budget_override) {
+        throw std::runtime_error("razor: razor.window and razor.kv_budget given together: set one of them");
+    }
+    if (!window_override) {
+        razor_get_float(ml, "razor.kv_budget", cfg->kv_budget, /*override_only =*/ false);
+        razor_get_i64  (ml, "razor.kv_budget_bytes", cfg->kv_budget_bytes);
+        if (razor_override(ml, "razor.kv_budget")) {
+            cfg->kv_budget_bytes = 0; // one budget: the one given at load time
+        } else if (razor_override(ml, "razor.kv_budget_bytes")) {
+            cfg->kv_budget = 0.0f;
+        }
+        if (!(cfg->kv_budget >= 0.0f && cfg->kv_budget <= 1.0f) || cfg->kv_budget_bytes < 0) {
+            throw std::runtime_error("razor: razor.kv_budget must be in (0, 1] and razor.kv_budget_bytes > 0");
+        }
+    }
+
     if (cfg->n_window < 1) {
         LLAMA_LOG_WARN("razor: razor.window must be >= 1: razor disabled\n");
         cfg->enabled = false;
@@ -191,6 +253,10 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
     LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)\n",
             cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window, cfg->compensation ? "on" : "off",
             n_retr, n_map, 100.0*n_retr/n_map);
+    if (cfg->has_budget()) {
+        LLAMA_LOG_INFO("razor: kv_budget = %s: the window is set per context\n", cfg->kv_budget_bytes > 0 ?
+                format("%.2f MiB", cfg->kv_budget_bytes/1048576.0).c_str() : format("%.3f of the full cache", cfg->kv_budget).c_str());
+    }
 
     return cfg;
 }
@@ -218,20 +284,116 @@ const char * llama_razor_unsupported(const llama_model & model, const llama_razo
     if (cparams.n_ctx_seq <= cfg.n_sink + cfg.n_window) {
         return "the window covers the whole context, nothing would be evicted";
     }
-    // the ring holds a ubatch of new tokens and a scratch row per query on top of sinks + window
-    const uint32_t n_ring = (cparams.kv_unified ? cparams.n_seq_max : 1)*(cfg.n_sink + cfg.n_window) + 2*cparams.n_ubatch;
-    if (GGML_PAD(n_ring, 256) > GGML_PAD(cparams.n_ctx_seq, 256)) {
-        return "the local ring (sinks + window + 2 x n_ubatch) is larger than the context, nothing to save";
+    // the ring holds a ubatch of new tokens and a scratch row per query on top of sinks + window + margin
+    const auto ring = llama_razor_ring_for(cfg, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX);
+    if (ring.size > GGML_PAD(cparams.n_ctx_seq, 256)) {
+        return "the local ring (sinks + window + margin + 2 x its ubatch) is larger than the context, nothing to save";
     }
     return nullptr;
 }
 
-llama_memory_i * llama_razor_create_memory(
+void llama_razor_bytes_for(
         const llama_model & model,
  const llama_razor_config & cfg,
+                ggml_type   type_k,
+                ggml_type   type_v,
+                     bool   unified,
+                 uint32_t   kv_size,
+                 uint32_t   n_seq_max,
+                 uint32_t   n_ubatch,
+                  int64_t   out[4]) {
+    const auto & hp = model.hparams;
+    const int64_t n_stream = unified ? 1 : n_seq_max;
+    const uint32_t ring = llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size).size;
+    // ggml_backend_alloc_ctx_tensors pads every tensor to the buffer's alignment: count a generous 256 bytes
+    auto tensor = [](int64_t bytes) { return GGML_PAD(bytes, 256); };
+    out[0] = out[1] = out[2] = out[3] = 0;
+    for (uint32_t il = 0; il < cfg.n_layer; ++il) {
+        const uint32_t n_retr = cfg.n_retrieval(il);
+        const uint32_t n_loc  = cfg.n_local(il);
+        const int64_t dk = hp.n_embd_head_k(il);
+        const int64_t dv = hp.n_embd_head_v(il);
+        if (n_retr > 0) {
+            out[0] += tensor((int64_t) kv_size*n_stream*ggml_row_size(type_k, dk*n_retr)) +
+                      tensor((int64_t) kv_size*n_stream*ggml_row_size(type_v, dv*n_retr));
+        }
+        if (n_loc > 0) {
+            out[1] += tensor((int64_t) ring*n_stream*ggml_row_size(type_k, dk*n_loc)) +
+                      tensor((int64_t) ring*n_stream*ggml_row_size(type_v, dv*n_loc));
+            out[2] += tensor((int64_t) n_seq_max*(dk + dv)*n_loc*(int64_t) sizeof(float));
+        }
+        out[3] += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+    }
+}
+
+bool llama_razor_fit_budget(
+        const llama_model & model,
+       llama_razor_config & cfg,
+                ggml_type   type_k,
+                ggml_type   type_v,
+      const llama_cparams & cparams) {
+    if (!cfg.has_budget()) {
+        return true;
+    }
+    const uint32_t kv_size = cparams.n_ctx_seq;
+    // a window chosen for a budget keeps a full margin: chats that trim their last reply stay exact
+    cfg.n_margin_min = LLAMA_RAZOR_MARGIN;
+    auto bytes = [&](uint32_t window, int64_t b[4]) {
+        llama_razor_config c = cfg;
+        c.n_window = window;
+        llama_razor_bytes_for(model, c, type_k, type_v, cparams.kv_unified, kv_size, cparams.n_seq_max, cparams.n_ubatch, b);
+        return b[0] + b[1] + b[2];
+    };
+    int64_t b[4];
+    bytes(1, b);
+    const int64_t full   = b[3];
+    const int64_t budget = cfg.kv_budget_bytes > 0 ? cfg.kv_budget_bytes : (int64_t) std::floor((double) cfg.kv_budget*full);
+    if (budget >= full) {
+        return false; // the stock cache fits
+    }
+    if (b[0] + b[1] + b[2] > budget) {
+        throw std::runtime_error(format(
+            "razor: kv_budget %.3f of the full cache (%.2f MiB) is below the smallest razor cache for n_ctx = %u: "
+            "%.3f (%.2f MiB; the retrieval heads alone take %.3f)", (double) budget/full, budget/1048576.0, kv_size,
+            (double) (b[0] + b[1] + b[2])/full, (b[0] + b[1] + b[2])/1048576.0, (double) b[0]/full));
+    }
+    // the largest window that fits; it must leave something to evict and keep the ring within the context
+    uint32_t lo = 1;
+    uint32_t hi = kv_size > cfg.n_sink + 1 ? kv_size - cfg.n_sink - 1 : 1;
+    auto fits = [&](uint32_t w) {
+        int64_t bw[4];
+        llama_razor_config c = cfg;
+        c.n_window = w;
+        return bytes(w, bw) <= budget &&
+               llama_razor_ring_for(c, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX).size <= GGML_PAD(kv_size, 256);
+    };
+    while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo + 1)/2;
+        if (fits(mid)) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    cfg.n_window = lo;
+    bytes(lo, b);
+    LLAMA_LOG_INFO("razor: kv_budget %.3f of the full cache (%.2f of %.2f MiB) at n_ctx = %u: window = %u, %.3f allocated\n",
+            (double) budget/full, budget/1048576.0, full/1048576.0, kv_size, lo, (double) (b[0] + b[1] + b[2])/full);
+    return true;
+}
+
+llama_memory_i * llama_razor_create_memory(
+        const llama_model & model,
+ const llama_razor_config & cfg_model,
 const llama_memory_params & params,
       const llama_cparams & cparams) {
-    if (!cfg.enabled) {
+    if (!cfg_model.enabled) {
+        return nullptr;
+    }
+    // the window this context runs (a budget sets it per context)
+    llama_razor_config cfg = cfg_model;
+    if (!llama_razor_fit_budget(model, cfg, params.type_k, params.type_v, cparams)) {
+        LLAMA_LOG_INFO("create_memory: razor: the kv_budget covers the full cache: using the stock KV cache\n");
         return nullptr;
     }
     const char * why =
@@ -269,7 +431,8 @@ llama_kv_cache_razor::llama_kv_cache_razor(
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch) :
     model(model), cfg(cfg), hparams_retr(model.hparams), hparams_loc(model.hparams),
-    n_seq_max(n_seq_max), unified(unified), n_scratch(n_ubatch) {
+    n_seq_max(n_seq_max), unified(unified), ring(llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size)),
+    n_scratch(ring.n_ubatch), n_margin(ring.n_margin) {
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer_all;
 
@@ -312,15 +475,10 @@ llama_kv_cache_razor::llama_kv_cache_razor(
                 0, LLAMA_SWA_TYPE_NONE, nullptr, filter_retr, nullptr, nullptr, "retr_");
     }
 
-    // ring: sinks + window + one ubatch of new tokens per sequence, then the scratch rows
-    const uint32_t ring = (unified ? n_seq_max : 1)*(cfg.n_sink + cfg.n_window) + n_ubatch;
-    const uint32_t size_loc = GGML_PAD(std::min(ring, kv_size) + n_scratch, 256);
+    // ring: sinks + window of every sequence in a stream, the margin, one ubatch of new tokens, the scratch rows
+    const uint32_t size_loc = ring.size;
 
-    // the padding leaves room to keep recently evicted rows: they make trims of that many tokens exact
-    const int64_t n_free = (int64_t) size_loc - n_scratch - (unified ? n_seq_max : 1)*(cfg.n_sink + cfg.n_window) - n_ubatch;
-    n_margin = (uint32_t) std::clamp<int64_t>(n_free, 0, 64); // every graph re-adds these rows: keep decode cheap
-
-    LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells (n_sink = %u, window = %u, scratch = %u, margin = %u)\n",
+    LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells (n_sink = %u, window = %u, ubatch = scratch = %u, margin = %u)\n",
             __func__, size_loc, cfg.n_sink, cfg.n_window, n_scratch, n_margin);
     kv_loc = std::make_unique<llama_kv_cache>(
             model, hparams_loc, type_k, type_v, /*v_trans =*/ false, offload, unified, size_loc, n_seq_max, 1,
@@ -402,6 +560,9 @@ void llama_kv_cache_razor::kv_bytes(int64_t out[4]) const {
 
 llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     GGML_UNUSED(embd_all);
+
+    // the ring has room for ubatches of ring.n_ubatch tokens (at most the context's)
+    n_ubatch = std::min(n_ubatch, ring.n_ubatch);
 
     for (int attempt = 0; attempt < 2; ++attempt) {
         const bool simple = attempt == 0;
@@ -1275,4 +1436,9 @@ int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, 
     *n_sink   = rz->get_config().n_sink;
     *n_window = rz->get_config().n_window;
     return 1;
+}
+
+int32_t llama_razor_n_ubatch(const struct llama_context * ctx) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    return rz ? (int32_t) rz->get_n_ubatch() : 0;
 }

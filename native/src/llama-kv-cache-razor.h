@@ -34,9 +34,62 @@ struct llama_razor_config {
 
     std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval
 
+    // razor.kv_budget (fraction of the full cache) / razor.kv_budget_bytes: when set, each context derives its
+    // window from the budget (llama_razor_fit_budget); 0 = unset. A razor.window given at load time wins
+    float   kv_budget       = 0.0f;
+    int64_t kv_budget_bytes = 0;
+
+    bool has_budget() const { return kv_budget > 0.0f || kv_budget_bytes > 0; }
+
+    // ring rows set aside for the margin (LLAMA_RAZOR_MARGIN for a window fitted to a budget); otherwise the
+    // margin takes what the padding leaves
+    uint32_t n_margin_min = 0;
+
     uint32_t n_retrieval(uint32_t il) const;
     uint32_t n_local    (uint32_t il) const { return n_head_kv - n_retrieval(il); }
 };
+
+// evicted rows kept in the ring beyond the window, so that trims of that many tokens are exact (every graph
+// re-adds them to the sums: keep decode cheap)
+#define LLAMA_RAZOR_MARGIN 64u
+
+// the local ring of a context, per stream: sinks + window of each of its n_seq_stream sequences, the margin,
+// one ubatch of new tokens and one compensation scratch row per query, padded to 256 cells (the flash-attention
+// kernels' KV stride). The razor cache splits batches into ubatches of n_ubatch tokens (at most the context's):
+// max(32, window/4) plus what the padding leaves, so that this slack costs about half the window, not 2 x n_ubatch
+struct llama_razor_ring {
+    uint32_t size     = 0;
+    uint32_t n_ubatch = 0;
+    uint32_t n_margin = 0;
+};
+
+llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size);
+
+struct llama_model;
+
+// the bytes a razor cache of cfg would allocate for a context, without allocating: out[0] retrieval cache,
+// out[1] local ring, out[2] compensation sums (each at most 256 bytes per tensor above the allocation),
+// out[3] a stock cache of the same context
+void llama_razor_bytes_for(
+        const llama_model & model,
+ const llama_razor_config & cfg,
+                ggml_type   type_k,
+                ggml_type   type_v,
+                     bool   unified,
+                 uint32_t   kv_size,
+                 uint32_t   n_seq_max,
+                 uint32_t   n_ubatch,
+                  int64_t   out[4]);
+
+// sets cfg.n_window to the largest window whose cache fits cfg's budget for this context (no-op without a
+// budget); false when the budget covers the full cache (the stock cache fits), throws when even a window of
+// one token does not fit, naming the smallest budget possible
+bool llama_razor_fit_budget(
+        const llama_model & model,
+       llama_razor_config & cfg,
+                ggml_type   type_k,
+                ggml_type   type_v,
+      const llama_cparams & cparams);
 
 // reads the razor.* metadata (kv_overrides apply: razor.enabled, razor.n_sink, razor.window,
 // razor.retrieval_ratio re-applied to the stored scores); nullptr when the model carries no head map
@@ -122,6 +175,7 @@ public:
     ggml_tensor * get_comp(int32_t il) const { return comp[il]; }
 
     uint32_t get_n_margin() const { return n_margin; }
+    uint32_t get_n_ubatch() const { return ring.n_ubatch; }
 
     // bytes: retrieval cache, local ring, compensation state, and a stock cache of the same context
     void kv_bytes(int64_t out[4]) const;
@@ -157,8 +211,9 @@ private:
 
     const uint32_t n_seq_max;
     const bool     unified;
-    const uint32_t n_scratch; // compensation rows per stream (one per query of a ubatch)
-    uint32_t       n_margin = 0; // evicted positions kept in the ring beyond the window (exact trims)
+    const llama_razor_ring ring;
+    const uint32_t n_scratch; // compensation rows per stream (one per query of a ubatch: ring.n_ubatch)
+    const uint32_t n_margin;  // evicted positions kept in the ring beyond the window (exact trims)
 
     std::unique_ptr<llama_kv_cache> kv_retr;
     std::unique_ptr<llama_kv_cache> kv_loc;
