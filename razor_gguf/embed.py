@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -67,12 +68,15 @@ def embed_heads(
     window: int = DEFAULT_WINDOW,
     force: bool = False,
     dry_run: bool = False,
+    calibrate: bool = True,
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
 
     Returns the summary `razor-gguf inspect --json` prints for the written file, plus `output`,
     `dry_run` and the scoring time. `input` is never modified. Ratios and seed default to the
     paper's (razor_gguf.scoring); bad input raises UserError (or MetadataError for a bad GGUF).
+    calibrate: measure whether the compensation row helps this model (razor_gguf.calibration) and
+    record that as the model's default (razor.compensation, with razor.calibration.* provenance).
     """
     reader = open_gguf(input)
     from .reference import ReferenceError, read_hparams
@@ -125,6 +129,7 @@ def embed_heads(
             progress=lambda il: bar.update(1),
             model=model,
         )
+    calibration = _calibrate(input, model, scores.head_map, n_sink, window) if calibrate else None
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -135,6 +140,7 @@ def embed_heads(
         source_name=os.path.basename(input),
         source_sha256=digest,
         tool_version=__version__,
+        calibration=calibration,
     )
     if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -148,6 +154,33 @@ def embed_heads(
     summary["output"] = None if dry_run else os.path.abspath(output)
     summary["dry_run"] = bool(dry_run)
     return summary
+
+
+def _calibrate(path: str, model, head_map, n_sink: int, window: int):
+    """The measured compensation default (razor_gguf.calibration), or None where it cannot be measured:
+    sliding-window models (razor runs the stock cache there), or a context too short to evict anything."""
+    from .calibration import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks, measure_compensation
+
+    hp = model.hp
+    n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
+    if (hp.swa_layers and any(hp.swa_layers)) or n_tokens < n_sink + window + 256:
+        return None
+    from . import _native
+
+    try:
+        from .llama import Llama
+
+        tok = Llama(model_path=path, vocab_only=True, verbose=False)
+    except (_native.NativeLibraryError, ValueError) as e:
+        raise UserError(f"{path}: calibration needs the model's tokenizer ({str(e).splitlines()[0]}); "
+                        "use --no-calibration to skip it") from None
+    try:
+        chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS, n_tokens)
+    finally:
+        tok.close()
+    with _bar(3 * len(chunks), "calibrating", unit="pass") as bar:
+        return measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
+                                    progress=lambda: bar.update(1))
 
 
 def _summary_from_kv(kv: dict) -> dict:
@@ -176,7 +209,8 @@ def format_summary(info: dict, detail: bool = True) -> str:
     lines = [
         f"razor head map: {info['retrieval_count']} of {L * H} KV heads are retrieval heads "
         f"(ratio {info['retrieval_ratio']:.3f}); {L} layers x {H} KV heads",
-        f"n_sink {info['n_sink']}, window {info['window']}",
+        f"n_sink {info['n_sink']}, window {info['window']}, compensation row "
+        + ("on" if info.get("compensation", True) else "off") + _measured(info),
         f"retrieval heads in layers: {', '.join(map(str, retr_layers)) or 'none'}",
         "provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()),
     ]
@@ -188,6 +222,14 @@ def format_summary(info: dict, detail: bool = True) -> str:
             ech = " ".join(f"{x:6.3f}" for x in info["echo_scores"][l])
             lines.append(f"{l:5d}  {m:<{max(3, H)}}  {ind}  {ech}")
     return "\n".join(lines)
+
+
+def _measured(info: dict) -> str:
+    p = info.get("provenance", {})
+    if "calibration.kld_compensation" not in p:
+        return ""
+    return (f" (measured: next-token KLD {p['calibration.kld_compensation']:.4f} with it, "
+            f"{p['calibration.kld_no_compensation']:.4f} without, window {p['calibration.window']})")
 
 
 def plot_heads(info: dict, path: str) -> None:
@@ -222,7 +264,7 @@ def cmd_embed_heads(args) -> int:
         info = embed_heads(
             args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
             probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
-            force=args.force, dry_run=args.dry_run)
+            force=args.force, dry_run=args.dry_run, calibrate=args.calibration)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -270,6 +312,10 @@ def add_subcommands(sub) -> None:
     e.add_argument("--seed", type=int, default=DEFAULT_SEED)
     e.add_argument("--n-sink", type=int, default=DEFAULT_N_SINK, help="recommended sink tokens recorded in the GGUF")
     e.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="recommended local window recorded in the GGUF")
+    e.add_argument("--calibration", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure in the reference pass whether the compensation row helps this model (next-token "
+                        "KLD with and without it on 4k tokens of calibration text, ~1-2 min for SmolLM2) and record "
+                        "the result as its default (default on)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")
     e.add_argument("--dry-run", action="store_true", help="score and report, write nothing")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -229,7 +229,7 @@ def _run_head(mode: Mode, st: dict, n_ctx: int, s: Settings) -> dict:
     return {"mode": mode.name, "retrieval_ratio": mode.retrieval_ratio, "supported": True, "ctx": n_ctx,
             "kv_bytes": st["kv_bytes"], "kv_bytes_full_equiv": st["full_equiv_bytes"], "n_sink": st["n_sink"],
             "window": st["window"], "retrieval_heads": st["retrieval_heads"], "n_ubatch": s.n_ubatch,
-            "compensation": None if mode.name == "full" else mode.razor.get("compensation") is not False}
+            "compensation": st["compensation"]}
 
 
 def kld_tokens(llm, length: int) -> list[int]:

@@ -84,9 +84,14 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     full_equiv_bytes, kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
     (the budget asked for, as given, or the model's razor.kv_budget; None without one), n_sink, window
     (what the budget bought: the window in effect), n_ubatch (tokens per ubatch the razor cache runs),
+    compensation (the compensation row in effect: the option, else the model's measured default),
     retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
     kb = _native.kv_bytes(llm._ctx.ctx)
     sw = _native.window(llm._ctx.ctx)
+    # the row's setting: razor_gguf.Llama's options or kv_overrides, else the model's measured default, else on
+    comp = getattr(llm, "_razor_overrides", {}).get("razor.compensation")
+    if comp is None:
+        comp = llm.metadata.get("razor.compensation", "true") == "true"
     hm = _native.head_map(llm._ctx.ctx)
     return {
         "razor": kb.razor,
@@ -101,6 +106,7 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
         "n_sink": sw[0] if sw else None,
         "window": sw[1] if sw else None,
         "n_ubatch": _native.n_ubatch(llm._ctx.ctx),
+        "compensation": bool(comp) if kb.razor else None,
         "retrieval_heads": sum(hm) if hm else None,
         "kv_heads": len(hm) if hm else None,
     }
@@ -136,6 +142,7 @@ class Llama(_llama_cpp.Llama):
             raise ValueError(f"razor options contradict kv_overrides for {', '.join(clash)}")
         overrides = {**theirs, **ours}
         self._razor_budget = kv_budget
+        self._razor_overrides = overrides
         with RazorLogTap(verbose=kwargs.get("verbose", True)) as tap:
             try:
                 super().__init__(model_path, *args, kv_overrides=overrides or None, **kwargs)

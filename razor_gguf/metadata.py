@@ -72,12 +72,23 @@ def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str
     return h.hexdigest()
 
 
-def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str) -> dict:
-    """The razor.* keys as {key: (GGUFValueType, value, sub_type)}."""
+def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
+                   calibration=None) -> dict:
+    """The razor.* keys as {key: (GGUFValueType, value, sub_type)}. calibration: a
+    razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None."""
     from gguf import GGUFValueType as V
 
     p = scores.provenance
     hm = scores.head_map.astype(np.int32).ravel().tolist()  # layer-major: index = layer*n_head_kv + head
+    measured = {} if calibration is None else {
+        "razor.compensation": (V.BOOL, bool(calibration.compensation), None),
+        "razor.calibration.source": (V.STRING, calibration.source, None),
+        "razor.calibration.tokens": (V.UINT32, int(calibration.n_tokens), None),
+        "razor.calibration.n_sink": (V.UINT32, int(calibration.n_sink), None),
+        "razor.calibration.window": (V.UINT32, int(calibration.window), None),
+        "razor.calibration.kld_compensation": (V.FLOAT32, float(calibration.kld_compensation), None),
+        "razor.calibration.kld_no_compensation": (V.FLOAT32, float(calibration.kld_no_compensation), None),
+    }
     return {
         "razor.version": (V.UINT32, RAZOR_VERSION, None),
         "razor.enabled": (V.BOOL, True, None),
@@ -100,6 +111,7 @@ def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source
         "razor.source.file": (V.STRING, source_name, None),
         "razor.source.sha256": (V.STRING, source_sha256, None),
         "razor.tool_version": (V.STRING, f"razor-gguf {tool_version}", None),
+        **measured,
     }
 
 
@@ -179,7 +191,8 @@ def read_razor(reader) -> dict | None:
     def grid(v):
         return [list(v[l * n_head_kv : (l + 1) * n_head_kv]) for l in range(n_layer)] if v else []
 
-    prov = {k[len(PREFIX):]: get(k) for k in keys if k.startswith(("razor.probe.", "razor.selection.", "razor.source.")) or k == "razor.tool_version"}
+    prov = {k[len(PREFIX):]: get(k) for k in keys
+            if k.startswith(("razor.probe.", "razor.selection.", "razor.source.", "razor.calibration.")) or k == "razor.tool_version"}
     return {
         "n_layer": n_layer,
         "n_head_kv": n_head_kv,
@@ -191,6 +204,7 @@ def read_razor(reader) -> dict | None:
         "n_sink": get("razor.n_sink"),
         "window": get("razor.window"),
         "enabled": get("razor.enabled"),
+        "compensation": get("razor.compensation", True),  # SPEC's row; embed-heads records the measured default
         "version": get("razor.version"),
         "provenance": prov,
     }

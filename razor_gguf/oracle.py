@@ -59,6 +59,7 @@ def razor_attention(
     slack: int | npt.ArrayLike = 0,
     scale: float | None = None,
     reference: bool = False,
+    compensation: bool = True,
 ) -> Array:
     """Attention outputs [T, n_head, d] of one layer under the razor cache policy.
 
@@ -66,6 +67,7 @@ def razor_attention(
     strictly increasing (one sequence). head_map: [n_head_kv], 1 = retrieval (full cache).
     Query head h reads KV head h // (n_head // n_head_kv) (llama.cpp's GQA broadcast).
     reference=True computes in float64 (the ground truth); otherwise float32, like the kernels.
+    compensation=False drops the compensation row (razor.compensation = false): sinks + window only.
     """
     dt = np.float64 if reference else np.float32
     q = np.asarray(q, dtype=dt)
@@ -118,7 +120,7 @@ def razor_attention(
                     p = np.exp(s - m)
                     out[r0:r1, h] = (p @ vh) / p.sum(axis=1, keepdims=True)
                     continue
-                has = n_ev > 0
+                has = (n_ev > 0) & compensation
                 sbar = np.where(has, np.einsum("rd,rd->r", qh, np.where(has[:, None], kbar, 0)) * sc + np.where(has, log_l, 0), -np.inf)
                 m = np.maximum(s.max(axis=1), sbar)[:, None]
                 p = np.exp(s - m)

@@ -112,6 +112,7 @@ def build_app(args: argparse.Namespace):
     """The FastAPI app with the model loaded. Raises UserError for bad input."""
     from . import _native
     from .llama import RazorLogTap, razor_fallback_reason, razor_stats
+    from .overrides import razor_overrides
 
     _native.load_llama_cpp()  # bind llama_cpp to the patched libraries before the server imports it
     try:
@@ -139,6 +140,7 @@ def build_app(args: argparse.Namespace):
         raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
     app.add_middleware(RequestValidation)
     llm = current_model()
+    llm._razor_overrides = razor_overrides(**razor)  # what razor_stats reports as the settings in effect
     why = None if razor["razor"] is False else razor_fallback_reason(llm, tap.lines)
     if why and razor["razor"]:
         raise UserError(why)

@@ -65,6 +65,23 @@ def test_json_and_head_map(scored):
     assert p["source.sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert info["n_sink"] == 4 and info["window"] == 512
     assert info["output"] == str(out) and info["dry_run"] is False
+    # the measured compensation default (SPEC section 1): whole-model KLD with and without the row on
+    # calibration text (the Python language reference, not the eval's docstrings)
+    assert p["calibration.source"] == "pydoc_data.topics" and p["calibration.tokens"] > 3000
+    assert p["calibration.window"] == 512 and p["calibration.kld_compensation"] > 0
+    assert info["compensation"] is (p["calibration.kld_compensation"] < p["calibration.kld_no_compensation"])
+
+
+def test_measured_compensation_default_reaches_llama_cpp(scored):
+    from razor_gguf import Llama
+
+    out, info, _, _ = scored
+    for kw, want in (({}, info["compensation"]), ({"compensation": not info["compensation"]}, not info["compensation"])):
+        llm = Llama(model_path=str(out), n_ctx=1024, verbose=False, **kw)
+        try:
+            assert llm.razor_stats()["compensation"] is want
+        finally:
+            llm.close()
 
 
 def test_inspect_reads_back(scored):
@@ -123,7 +140,8 @@ def test_refuses_overwrite_and_existing_keys(scored, smollm2_path, tmp_path):
 
 def test_force_replaces_keys_dry_run_writes_nothing(scored, tmp_path):
     out, _, _, _ = scored
-    r = _cli("embed-heads", out, "-o", tmp_path / "y.gguf", "--force", "--dry-run", "--json", "--probe-len", "8")
+    r = _cli("embed-heads", out, "-o", tmp_path / "y.gguf", "--force", "--dry-run", "--json", "--probe-len", "8",
+             "--no-calibration")
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(r.stdout)
     assert info["dry_run"] is True and info["output"] is None
@@ -136,7 +154,7 @@ def test_library_entry_point_takes_plain_parameters(smollm2_path, tmp_path):
     from razor_gguf.embed import embed_heads
     from razor_gguf.errors import UserError
 
-    info = embed_heads(smollm2_path, dry_run=True, probe_len=8)
+    info = embed_heads(smollm2_path, dry_run=True, probe_len=8, calibrate=False)
     assert info["dry_run"] is True and info["output"] is None
     assert info["provenance"]["probe.length"] == 8 and info["retrieval_count"] > 0
     with pytest.raises(UserError, match="--echo-ratio must be between 0 and 1"):
@@ -153,7 +171,7 @@ def test_force_rewrite_in_place_replaces_keys(scored, tmp_path):
     src, _, _, _ = scored
     p = tmp_path / "m.gguf"
     shutil.copy(src, p)
-    r = _cli("embed-heads", p, "-o", p, "--force", "--json", "--probe-len", "8", "--seed", "7")
+    r = _cli("embed-heads", p, "-o", p, "--force", "--json", "--probe-len", "8", "--seed", "7", "--no-calibration")
     assert r.returncode == 0, r.stderr[-2000:]
     rd = gguf.GGUFReader(str(p))
     assert rd.get_field("razor.probe.seed").contents() == 7

@@ -160,3 +160,24 @@ def test_positions_offset_and_validation():
         razor_attention(q, k, v, [0, 1], 4, 5)
     with pytest.raises(ValueError):
         razor_attention(q, k, v, [0], 4, 0)
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+@pytest.mark.parametrize("window", [1, 16, 100, 400])
+def test_torch_policy_matches_oracle(compensation, window):
+    """razor_gguf.calibration's PyTorch policy (what embed-heads measures the compensation default with)
+    computes what the oracle does, row on and off."""
+    torch = pytest.importorskip("torch")
+    from razor_gguf.calibration import razor_attention_torch
+
+    rng = np.random.default_rng(7)
+    t, d = 300, 32
+    q, k, v = (rng.standard_normal((t, h, d)).astype(np.float32) for h in (6, 3, 3))
+    hm = np.array([1, 0, 0])
+    ref = razor_attention(q, k, v, hm, 4, window, reference=True, compensation=compensation)
+    to = lambda a: torch.from_numpy(a).transpose(0, 1).contiguous()  # noqa: E731  oracle [T, H, d] -> [H, T, d]
+    got = razor_attention_torch(to(q), to(k), to(v), hm, 4, window, compensation=compensation, chunk=128)
+    assert np.abs(got.transpose(0, 1).numpy() - ref).max() < 1e-5
+    if window < t - 4:  # the row matters wherever tokens are evicted
+        other = razor_attention(q, k, v, hm, 4, window, reference=True, compensation=not compensation)
+        assert np.abs(other - ref).max() > 1e-2

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "razor_gguf"
 # Imports nothing of the package.
 BASE = {"errors", "overrides", "_native", "metadata", "reference", "oracle", "kld", "niah", "passkey", "plotting"}
 # The library: may import base and core, never a command.
-CORE = BASE | {"", "llama", "scoring", "machine", "models"}
+CORE = BASE | {"", "llama", "scoring", "machine", "models", "calibration"}
 COMMANDS = {"options", "embed", "bench", "evaluation", "chat", "serve", "demo"}
 
 

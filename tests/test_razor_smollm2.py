@@ -82,7 +82,8 @@ def test_model_scale_oracle(smollm2_razor):
     n_sink, window, last = 4, 256, 64
     head_map = np.array(GGUFReader(path).get_field("razor.head_map").contents()).reshape(30, 3)
     cpp = {}
-    for name, ov in (("razor", {"razor.window": window}), ("full", {"razor.enabled": False})):
+    # the SPEC row on, whatever default embed-heads measured for this model
+    for name, ov in (("razor", {"razor.window": window, "razor.compensation": True}), ("full", {"razor.enabled": False})):
         llm = Llama(model_path=path, n_ctx=1280, n_batch=512, n_ubatch=64, logits_all=True, flash_attn=True,
                     verbose=False, kv_overrides=ov)
         try:
@@ -136,7 +137,7 @@ def passkey_runs(smollm2_razor):
     path = str(smollm2_razor[0])
     runs = {
         "full": _passkey_accuracy(path, {"razor.enabled": False}),
-        "razor": _passkey_accuracy(path, {"razor.window": WINDOW}),
+        "razor": _passkey_accuracy(path, {"razor.window": WINDOW, "razor.compensation": True}),
         "razor_no_comp": _passkey_accuracy(path, {"razor.window": WINDOW, "razor.compensation": False}),
         # ring of pad256(4 + W + 2*64) cells for every head ~ razor's bytes at n_ctx 2304, n_ubatch 64
         "streaming": _passkey_accuracy(path, {"razor.window": 636, "razor.retrieval_ratio": 0.0,

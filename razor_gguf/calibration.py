@@ -1,0 +1,122 @@
+"""Per-model defaults measured by `embed-heads` in the reference pass: does the compensation row help?
+
+SPEC section 1: whether the compensation row is on by default is measured per model. The measurement runs
+the whole model under the razor policy (razor_gguf.oracle as every layer's attention) with and without the
+row, on calibration text, and compares next-token KL divergence against the full model over the positions
+where tokens have been evicted. The row is on by default only when it lowers that KLD.
+
+Calibration text: the Python language reference shipped with CPython (`pydoc_data.topics`): no download,
+and never the text `razor-gguf eval` measures on (docstrings of stdlib modules, razor_gguf.niah).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+CALIBRATION_SOURCE = "pydoc_data.topics"
+DEFAULT_CHUNKS = 2
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+def calibration_text() -> str:
+    """The calibration prose: every help topic of the Python language reference, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calibration_chunks(tokenize: Callable[[str], Sequence[int]], n_chunks: int, n_tokens: int) -> list[list[int]]:
+    """n_chunks disjoint pieces of n_tokens calibration tokens each (BOS handled by `tokenize`)."""
+    toks = list(tokenize(calibration_text()))
+    if len(toks) < n_chunks * n_tokens:
+        raise ValueError(f"calibration text has {len(toks)} tokens, fewer than {n_chunks} x {n_tokens}")
+    return [toks[i * n_tokens:(i + 1) * n_tokens] for i in range(n_chunks)]
+
+
+def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensation: bool = True, chunk: int = 512):
+    """The razor policy of razor_gguf.oracle.razor_attention (exact per token, slack 0) in PyTorch, in the
+    reference pass's layout: q [n_head, T, d], k and v [n_head_kv, T, d] after RoPE; returns [n_head, T, d].
+
+    The compensation row's sums come from prefix sums over positions, so a layer costs about what its plain
+    attention costs (the numpy oracle loops over heads; tests/test_oracle.py holds the two together)."""
+    import math
+
+    import torch
+
+    H, T, d = q.shape
+    n_kv = k.shape[0]
+    g = H // n_kv
+    scale = 1.0 / math.sqrt(d)
+    local = torch.as_tensor(np.asarray(head_map).reshape(-1) == 0)  # [n_kv]
+    qg = q.reshape(n_kv, g, T, d)
+    csk = torch.cat([torch.zeros(n_kv, 1, d, dtype=k.dtype), k.cumsum(1)], 1)  # csk[:, j] = sum of k[:, :j]
+    csv = torch.cat([torch.zeros(n_kv, 1, v.shape[2], dtype=v.dtype), v.cumsum(1)], 1)
+    pos = torch.arange(T)
+    out = torch.empty(n_kv, g, T, v.shape[2], dtype=q.dtype)
+    for s0 in range(0, T, chunk):
+        e = min(T, s0 + chunk)
+        qi, kj = pos[s0:e, None], pos[None, :e]
+        causal = kj <= qi
+        lo = qi[:, 0] - window + 1  # first position of each query's window; [S, lo) is evicted
+        kept = causal & ((kj < n_sink) | (kj >= lo[:, None]))
+        mask = torch.where(local[:, None, None, None], kept, causal)  # [n_kv, 1, R, e]
+        sc = torch.matmul(qg[:, :, s0:e], k[:, None, :e].transpose(-1, -2)) * scale
+        sc = sc.masked_fill(~mask, float("-inf"))
+        n_ev = (lo - n_sink).clamp(min=0)  # l per query
+        hi = lo.clamp(min=n_sink)
+        kbar = (csk[:, hi] - csk[:, n_sink:n_sink + 1]) / n_ev.clamp(min=1)[None, :, None]  # [n_kv, R, d]
+        vbar = (csv[:, hi] - csv[:, n_sink:n_sink + 1]) / n_ev.clamp(min=1)[None, :, None]
+        sbar = (qg[:, :, s0:e] * kbar[:, None]).sum(-1) * scale + torch.log(n_ev.clamp(min=1).to(q.dtype))
+        has = local[:, None, None] & (n_ev > 0)[None, None, :] & compensation  # [n_kv, 1, R]
+        sbar = sbar.masked_fill(~has, float("-inf"))
+        m = torch.maximum(sc.max(-1).values, sbar)
+        p = torch.exp(sc - m[..., None])
+        pbar = torch.exp(sbar - m)
+        num = torch.matmul(p, v[:, None, :e]) + pbar[..., None] * vbar[:, None]
+        out[:, :, s0:e] = num / (p.sum(-1) + pbar)[..., None]
+    return out.reshape(H, T, v.shape[2])
+
+
+@dataclass(frozen=True)
+class CompensationMeasurement:
+    compensation: bool  # the measured default: on only where the row lowers the KLD
+    kld_compensation: float  # mean next-token KLD against the full model, row on
+    kld_no_compensation: float  # the same, row off
+    window: int
+    n_sink: int
+    n_tokens: int  # positions measured (those past n_sink + window in each chunk)
+    source: str = CALIBRATION_SOURCE
+
+
+def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *, n_sink: int, window: int,
+                         progress: Callable[[], None] | None = None) -> CompensationMeasurement:
+    """KLD of razor with and without the compensation row against the full model, on `chunks`.
+
+    model: a razor_gguf.reference.ReferenceModel; head_map [n_layer, n_head_kv] (1 = retrieval). Each chunk
+    runs three forwards (full, row on, row off); progress() is called after each."""
+    from .kld import kl_and_top1
+
+    head_map = np.asarray(head_map).reshape(model.hp.n_layer, -1)
+    kl = {True: [], False: []}
+    for toks in chunks:
+        if len(toks) <= n_sink + window:
+            raise ValueError(f"calibration chunks of {len(toks)} tokens evict nothing at window {window}")
+        full = model.forward(toks, want_logits="all").double().numpy()
+        if progress:
+            progress()
+        for comp in (True, False):
+            def attention(il, q, k, v, comp=comp):
+                return razor_attention_torch(q, k, v, head_map[il], n_sink, window, compensation=comp)
+
+            got = model.forward(toks, want_logits="all", attention=attention).double().numpy()
+            evicted = slice(n_sink + window, len(toks))  # before it razor equals the full model exactly
+            kl[comp].append(kl_and_top1(full[evicted], got[evicted])[0])
+            if progress:
+                progress()
+    with_row, without = (float(np.concatenate(kl[c]).mean()) for c in (True, False))
+    n = sum(len(x) for x in kl[True])
+    return CompensationMeasurement(compensation=with_row < without, kld_compensation=with_row,
+                                   kld_no_compensation=without, window=window, n_sink=n_sink, n_tokens=n)
