@@ -23,6 +23,7 @@ what=${1:-all}
 if [[ $what == all || $what == bench ]]; then
   run bench-smollm2 bench "$SMOL_R" --ctx 2048 --ctx 4096 --ctx 8192 --threads 2 --plot "$OUT/bench-smollm2.png"
   run bench-smollm2-kv bench "$SMOL_R" --ctx 8192 --ctx 16384 --ctx 32768 --kv-only --plot "$OUT/bench-smollm2-kv.png"
+  run bench-smollm2-budget bench "$SMOL_R" --ctx 4096 --ctx 8192 --threads 2 --modes full,razor --kv-budget 0.35
   run bench-gemma3 bench "$GEMMA_R" --ctx 2048 --ctx 8192 --threads 2 --plot "$OUT/bench-gemma3.png"
 fi
 if [[ $what == all || $what == eval ]]; then
