@@ -104,16 +104,17 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
     for toks in chunks:
         if len(toks) <= n_sink + window:
             raise ValueError(f"calibration chunks of {len(toks)} tokens evict nothing at window {window}")
-        full = model.forward(toks, want_logits="all").double().numpy()
+        lo = n_sink + window  # before it razor equals the full model exactly; float32 [T - lo, n_vocab] rows
+        full = model.forward(toks, want_logits="all", logits_from=lo).numpy()
         if progress:
             progress()
         for comp in (True, False):
             def attention(il, q, k, v, comp=comp):
                 return razor_attention_torch(q, k, v, head_map[il], n_sink, window, compensation=comp)
 
-            got = model.forward(toks, want_logits="all", attention=attention).double().numpy()
-            evicted = slice(n_sink + window, len(toks))  # before it razor equals the full model exactly
-            kl[comp].append(kl_and_top1(full[evicted], got[evicted])[0])
+            got = model.forward(toks, want_logits="all", attention=attention, logits_from=lo).numpy()
+            kl[comp].append(kl_and_top1(full, got)[0])
+            del got
             if progress:
                 progress()
     with_row, without = (float(np.concatenate(kl[c]).mean()) for c in (True, False))

@@ -216,9 +216,10 @@ class ReferenceModel:
         want_logits: bool | str = False,
         progress: Callable[[int], None] | None = None,
         attention: Callable[[int, "object", "object", "object"], "object"] | None = None,
+        logits_from: int = 0,
     ):
         """Run the model on `tokens`. Returns None, or with want_logits=True the last token's logits
-        [n_vocab], or with want_logits="all" every position's logits [T, n_vocab].
+        [n_vocab], or with want_logits="all" the logits of positions logits_from.. [T - logits_from, n_vocab].
 
         attention(layer, q, k, v) replaces a layer's causal softmax attention when given (e.g. by the
         razor oracle): q [n_head, T, d] and k, v [n_head_kv, T, d] after RoPE, returns [n_head, T, d];
@@ -299,7 +300,7 @@ class ReferenceModel:
                     progress(il)
             if not want_logits:
                 return None
-            last = _rms_norm(x if want_logits == "all" else x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
+            last = _rms_norm(x[logits_from:] if want_logits == "all" else x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
             name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
             t = self.w._by_name[name]
             n_rows = t.data.shape[0]
