@@ -160,6 +160,12 @@ llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n
     return r;
 }
 
+// the context's local ring is no larger than the context (else there is nothing to save)
+static bool razor_ring_fits(const llama_razor_config & cfg, const llama_cparams & cparams) {
+    const auto ring = llama_razor_ring_for(cfg, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX);
+    return ring.size <= GGML_PAD(cparams.n_ctx_seq, 256);
+}
+
 std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader & ml, const llama_hparams & hparams) {
     const int k_map = gguf_find_key(ml.metadata, "razor.head_map");
     if (k_map < 0) {
@@ -285,8 +291,7 @@ const char * llama_razor_unsupported(const llama_model & model, const llama_razo
         return "the window covers the whole context, nothing would be evicted";
     }
     // the ring holds a ubatch of new tokens and a scratch row per query on top of sinks + window + margin
-    const auto ring = llama_razor_ring_for(cfg, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX);
-    if (ring.size > GGML_PAD(cparams.n_ctx_seq, 256)) {
+    if (!razor_ring_fits(cfg, cparams)) {
         return "the local ring (sinks + window + margin + 2 x its ubatch) is larger than the context, nothing to save";
     }
     return nullptr;
@@ -338,10 +343,13 @@ bool llama_razor_fit_budget(
     const uint32_t kv_size = cparams.n_ctx_seq;
     // a window chosen for a budget keeps a full margin: chats that trim their last reply stay exact
     cfg.n_margin_min = LLAMA_RAZOR_MARGIN;
-    auto bytes = [&](uint32_t window, int64_t b[4]) {
+    auto with_window = [&](uint32_t window) {
         llama_razor_config c = cfg;
         c.n_window = window;
-        llama_razor_bytes_for(model, c, type_k, type_v, cparams.kv_unified, kv_size, cparams.n_seq_max, cparams.n_ubatch, b);
+        return c;
+    };
+    auto bytes = [&](uint32_t window, int64_t b[4]) {
+        llama_razor_bytes_for(model, with_window(window), type_k, type_v, cparams.kv_unified, kv_size, cparams.n_seq_max, cparams.n_ubatch, b);
         return b[0] + b[1] + b[2];
     };
     int64_t b[4];
@@ -362,10 +370,7 @@ bool llama_razor_fit_budget(
     uint32_t hi = kv_size > cfg.n_sink + 1 ? kv_size - cfg.n_sink - 1 : 1;
     auto fits = [&](uint32_t w) {
         int64_t bw[4];
-        llama_razor_config c = cfg;
-        c.n_window = w;
-        return bytes(w, bw) <= budget &&
-               llama_razor_ring_for(c, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX).size <= GGML_PAD(kv_size, 256);
+        return bytes(w, bw) <= budget && razor_ring_fits(with_window(w), cparams);
     };
     while (lo < hi) {
         const uint32_t mid = lo + (hi - lo + 1)/2;
@@ -748,14 +753,17 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
     }
 }
 
-void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
-    // positions move, the rotated compensation sums cannot follow: only sequences with nothing folded stay exact
+void llama_kv_cache_razor::reset_folded(llama_seq_id seq_id, const char * caller, const char * what) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
-            LLAMA_LOG_WARN("%s: razor: shifting sequence %d whose evicted tokens are folded; its compensation row is dropped\n", __func__, s);
+            LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
             reset_seq(s);
         }
     }
+}
+
+void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    reset_folded(seq_id, __func__, "shifting");
     if (kv_retr) {
         kv_retr->seq_add(seq_id, p0, p1, shift);
     }
@@ -763,12 +771,7 @@ void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos 
 }
 
 void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
-    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
-        if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
-            LLAMA_LOG_WARN("%s: razor: dividing positions of sequence %d whose evicted tokens are folded; its compensation row is dropped\n", __func__, s);
-            reset_seq(s);
-        }
-    }
+    reset_folded(seq_id, __func__, "dividing positions of");
     if (kv_retr) {
         kv_retr->seq_div(seq_id, p0, p1, d);
     }

@@ -238,6 +238,10 @@ private:
 
     void reset_seq(llama_seq_id s);
 
+    // positions move (seq_add, seq_div) and the rotated compensation sums cannot follow: sequences with folded
+    // tokens lose their row (one warning each, naming caller and what it does); the others stay exact
+    void reset_folded(llama_seq_id seq_id, const char * caller, const char * what);
+
     friend void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync);
 };
 
