@@ -17,7 +17,7 @@ import time
 
 from .errors import UserError, error
 from .machine import machine_info
-from .options import add_kv_budget_argument
+from .options import add_kv_budget_argument, flag_razor_overrides
 
 # mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
 # A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
@@ -147,12 +147,7 @@ def _check(model: str, ctx: list[int], modes: str | list[str], n_decode: int, kv
         raise UserError(f"--threads must be >= 1, got {threads}")
     if n_ubatch < 1:
         raise UserError(f"--n-ubatch must be >= 1, got {n_ubatch}")
-    from .overrides import razor_overrides  # the same checks and kv_overrides keys as razor_gguf.Llama
-
-    try:
-        overrides = razor_overrides(**razor)
-    except ValueError as e:
-        raise UserError("--" + str(e).replace("_", "-", 1)) from None
+    overrides = flag_razor_overrides(**razor)  # the same checks and kv_overrides keys as razor_gguf.Llama
 
     try:
         reader = open_gguf(model)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
-from .options import add_kv_budget_argument
+from .options import add_kv_budget_argument, flag_razor_overrides
 
 TASKS = ("passkey", "niah", "kld")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -442,12 +442,7 @@ def settings_from_args(args) -> Settings:
     if args.n_ubatch < 1 or (args.window is not None and args.window < 1) or (args.n_sink is not None and args.n_sink < 0):
         raise UserError("--n-ubatch and --window must be >= 1, --n-sink >= 0")
     if args.kv_budget is not None:
-        from .overrides import razor_overrides
-
-        try:
-            razor_overrides(window=args.window, kv_budget=args.kv_budget)
-        except ValueError as e:
-            raise UserError("--" + str(e).replace("_", "-", 1)) from None
+        flag_razor_overrides(window=args.window, kv_budget=args.kv_budget)
     return Settings(model=args.model, task=args.task, lengths=sorted(set(lengths)),
                     depths=_floats(args.depths, "depths", 0.0, 1.0),
                     ratios=_floats(args.ratios, "ratios", 0.0, 1.0), modes=modes, window=args.window,

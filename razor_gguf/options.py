@@ -31,6 +31,16 @@ def _env_bool(raw: str) -> bool:
 _env_bool.__name__ = "boolean"
 
 
+def flag_razor_overrides(**razor: Any) -> dict[str, Any]:
+    """razor_overrides for the commands: a bad value is a UserError naming the flag (`--kv-budget ...`)."""
+    from .overrides import razor_overrides
+
+    try:
+        return razor_overrides(**razor)
+    except ValueError as e:
+        raise UserError("--" + str(e).replace("_", "-", 1)) from None
+
+
 def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None:
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--ctx", type=int, default=default_ctx, metavar="N", help=f"context length (default {default_ctx})")

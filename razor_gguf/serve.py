@@ -15,17 +15,11 @@ import sys
 from typing import Any
 
 from .errors import UserError
-from .options import _env, add_model_arguments, check_model_file, llama_kwargs, razor_kwargs
+from .options import _env, add_model_arguments, check_model_file, flag_razor_overrides, llama_kwargs, razor_kwargs
 
 
-def kv_override_strings(razor: dict[str, Any]) -> list[str]:
-    """razor_gguf.Llama's razor options as llama_cpp.server's `key=type:value` kv_overrides."""
-    from .overrides import razor_overrides
-
-    try:
-        overrides = razor_overrides(**razor)
-    except ValueError as e:
-        raise UserError("--" + str(e).replace("_", "-", 1)) from None
+def kv_override_strings(overrides: dict[str, Any]) -> list[str]:
+    """The razor kv_overrides (razor_gguf.overrides) as llama_cpp.server's `key=type:value` strings."""
     out = []
     for key, value in overrides.items():
         kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
@@ -112,7 +106,6 @@ def build_app(args: argparse.Namespace):
     """The FastAPI app with the model loaded. Raises UserError for bad input."""
     from . import _native
     from .llama import RazorLogTap, razor_fallback_reason, razor_stats
-    from .overrides import razor_overrides
 
     _native.load_llama_cpp()  # bind llama_cpp to the patched libraries before the server imports it
     try:
@@ -124,11 +117,12 @@ def build_app(args: argparse.Namespace):
 
     check_model_file(args.model)
     razor = razor_kwargs(args)
+    overrides = flag_razor_overrides(**razor)
     kw = llama_kwargs(args)
     model_settings = ModelSettings(
         model=args.model, model_alias=args.model_alias or os.path.splitext(os.path.basename(args.model))[0],
         n_ctx=kw["n_ctx"], n_batch=kw["n_batch"], n_gpu_layers=kw["n_gpu_layers"], flash_attn=kw["flash_attn"],
-        kv_overrides=kv_override_strings(razor) or None, chat_format=args.chat_format, verbose=args.verbose,
+        kv_overrides=kv_override_strings(overrides) or None, chat_format=args.chat_format, verbose=args.verbose,
         **({"n_threads": kw["n_threads"], "n_threads_batch": kw["n_threads"]} if "n_threads" in kw else {}))
     # interrupt_requests=False: a second client waits for the first instead of cutting its stream off.
     server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key,
@@ -140,7 +134,7 @@ def build_app(args: argparse.Namespace):
         raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
     app.add_middleware(RequestValidation)
     llm = current_model()
-    llm._razor_overrides = razor_overrides(**razor)  # what razor_stats reports as the settings in effect
+    llm._razor_overrides = overrides  # what razor_stats reports as the settings in effect
     why = None if razor["razor"] is False else razor_fallback_reason(llm, tap.lines)
     if why and razor["razor"]:
         raise UserError(why)
