@@ -100,13 +100,17 @@ def test_fallback_to_full_cache_says_why(smollm2_razor, capfd):
     """A context too small for the local ring runs the stock cache: one line with llama.cpp's reason."""
     path = str(smollm2_razor[0])
     capfd.readouterr()
-    llm = Llama(model_path=path, n_ctx=768, verbose=False)  # ring pad256(4 + 512 + 2 x 128) = 1024 cells > 768
+    # with the compensation row: ring pad256(4 + 512 + 2 x 128) = 1024 cells > 768 (without: 768 cells, it runs)
+    llm = Llama(model_path=path, n_ctx=768, verbose=False, compensation=True)
     lines = _stderr_lines(capfd)
     assert len(lines) == 1 and "running the full KV cache" in lines[0] and "larger than the context" in lines[0], lines
     assert llm.razor_stats()["razor"] is False
     llm.close()
     with pytest.raises(RazorUnavailableError, match="larger than the context"):
-        Llama(model_path=path, n_ctx=768, verbose=False, razor=True)
+        Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=True)
+    llm = Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=False)
+    assert llm.razor_stats()["razor"] and llm.razor_stats()["window"] == 512
+    llm.close()
 
 
 # ------------------------------------------------------------------------------ multi-turn reuse

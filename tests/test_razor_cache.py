@@ -51,9 +51,12 @@ def _tokens(cfg, n, seed=1):
     return np.random.default_rng(seed).integers(3, cfg.n_vocab, size=n)
 
 
-def _oracle(model, toks, head_map=MIXED, window=WINDOW):
+def _oracle(model, toks, head_map=MIXED, window=WINDOW, compensation=True):
     _, cfg, w = model
-    return tf.forward(w, cfg, toks, head_map=head_map, n_sink=SINK, window=window)
+    return tf.forward(w, cfg, toks, head_map=head_map, n_sink=SINK, window=window, compensation=compensation)
+
+
+NO_COMP = {"razor.compensation": False}
 
 
 def test_oracle_differs_from_stock(mixed):
@@ -64,12 +67,16 @@ def test_oracle_differs_from_stock(mixed):
 
 @pytest.mark.parametrize("flash_attn", [False, True])
 @pytest.mark.parametrize("n_ubatch", [1, 7, 16])
-def test_matches_oracle_f32(mixed, flash_attn, n_ubatch):
-    """100 tokens, window 16: eviction in every ubatch, per-query compensation rows inside a ubatch."""
+@pytest.mark.parametrize("compensation", [True, False])
+def test_matches_oracle_f32(mixed, flash_attn, n_ubatch, compensation):
+    """100 tokens, window 16: eviction in every ubatch, per-query compensation rows inside a ubatch (or,
+    without the row, sinks + window only: no sums, no scratch rows, no fold in the graph)."""
     toks = _tokens(mixed[1], 100)
-    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_batch=16, n_ubatch=n_ubatch)
-    err = np.abs(got - _oracle(mixed, toks)).max()
+    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_batch=16, n_ubatch=n_ubatch,
+                       kv_overrides=None if compensation else NO_COMP)
+    err = np.abs(got - _oracle(mixed, toks, compensation=compensation)).max()
     assert err < (F16_TOL if flash_attn else F32_TOL), err
+    assert np.abs(got - _oracle(mixed, toks, compensation=not compensation)).max() > 10 * err
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
@@ -80,12 +87,15 @@ def test_matches_oracle_f16(mixed64, flash_attn):
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_large_ubatches_split_by_the_ring_match_oracle(mixed, flash_attn):
-    """The context's ubatch (256) is larger than the ring's (86 tokens at window 16: max(32, W/4) grown into
-    the padding): the razor cache splits it itself and stays exact."""
+@pytest.mark.parametrize("compensation", [True, False])
+def test_large_ubatches_split_by_the_ring_match_oracle(mixed, flash_attn, compensation):
+    """The context's ubatch (256) is larger than the ring's (86 tokens at window 16 with the compensation
+    row: max(32, W/4) grown into the padding; 172 without its scratch rows): the razor cache splits it
+    itself and stays exact."""
     toks = _tokens(mixed[1], 300)
-    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_ctx=512, n_batch=256, n_ubatch=256)
-    err = np.abs(got - _oracle(mixed, toks)).max()
+    got = llama_logits(mixed[0], toks, flash_attn=flash_attn, n_ctx=512, n_batch=256, n_ubatch=256,
+                       kv_overrides=None if compensation else NO_COMP)
+    err = np.abs(got - _oracle(mixed, toks, compensation=compensation)).max()
     assert err < (F16_TOL if flash_attn else F32_TOL), err
 
 
@@ -126,20 +136,23 @@ def test_all_heads_local(local_only):
     assert np.abs(got - _oracle(local_only, toks, head_map=ALL_LOCAL)).max() < F32_TOL
 
 
-def test_prefill_equals_decode(mixed):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_prefill_equals_decode(mixed, compensation):
     toks = _tokens(mixed[1], 80, seed=4)
-    one_shot = llama_logits(mixed[0], toks, n_batch=32, n_ubatch=32)
-    decode = llama_logits(mixed[0], toks, n_batch=1, n_ubatch=1)
+    kw = dict(kv_overrides=None if compensation else NO_COMP)
+    one_shot = llama_logits(mixed[0], toks, n_batch=32, n_ubatch=32, **kw)
+    decode = llama_logits(mixed[0], toks, n_batch=1, n_ubatch=1, **kw)
     assert np.abs(one_shot - decode).max() < F32_TOL
 
 
 @pytest.mark.parametrize("unified", [False, True])
-def test_multiple_sequences(mixed, unified):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_multiple_sequences(mixed, unified, compensation):
     """Two sequences of different lengths decoded together; each matches its own oracle."""
     seqs = [list(_tokens(mixed[1], 100, seed=5)), list(_tokens(mixed[1], 60, seed=6))]
-    outs = multi_seq_logits(mixed[0], seqs, unified=unified)
+    outs = multi_seq_logits(mixed[0], seqs, unified=unified, kv_overrides=None if compensation else NO_COMP)
     for out, s in zip(outs, seqs):
-        assert np.abs(out - _oracle(mixed, s)).max() < F32_TOL
+        assert np.abs(out - _oracle(mixed, s, compensation=compensation)).max() < F32_TOL
 
 
 def test_window_covering_context_is_stock(mixed):
@@ -187,11 +200,13 @@ def _llama(path, **kw):
                  type_k=0, type_v=0, n_threads=2, verbose=False, **kw)
 
 
-def test_trim_recent_tokens_then_continue(mixed):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_trim_recent_tokens_then_continue(mixed, compensation):
     """Trimming the tail within the ring's margin: continuing equals a fresh run."""
     toks = _tokens(mixed[1], 120, seed=8)
-    fresh = llama_logits(mixed[0], toks, n_ctx=512)
-    llm = _llama(mixed[0])
+    kw = dict(kv_overrides=None if compensation else NO_COMP)
+    fresh = llama_logits(mixed[0], toks, n_ctx=512, **kw)
+    llm = _llama(mixed[0], **kw)
     try:
         llm.eval(list(toks[:100]) + list(_tokens(mixed[1], 12, seed=9)))  # a wrong continuation
         assert llm._ctx.kv_cache_seq_rm(-1, 100, -1)
@@ -248,10 +263,11 @@ def save_continue_restore(model, **kw):
         llm.close()
 
 
-def test_state_save_load_round_trip(mixed):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_state_save_load_round_trip(mixed, compensation):
     # a whole-cache restore packs the ring's cells from cell 0 (stock llama.cpp does the same), so the
     # attention sums run in another order: equal up to f32 rounding, the compensation state bitwise
-    assert save_continue_restore(mixed) < F32_TOL
+    assert save_continue_restore(mixed, kv_overrides=None if compensation else NO_COMP) < F32_TOL
 
 
 def test_kv_bytes(mixed):
@@ -273,6 +289,14 @@ def test_kv_bytes(mixed):
     finally:
         llm.close()
         stock.close()
+    # without the compensation row: no sums, and no scratch rows in the ring (the ubatch grows into them)
+    llm = _llama(mixed[0], n_ctx=4096, kv_overrides=NO_COMP)
+    try:
+        kv2 = _native.kv_bytes(llm._ctx.ctx)
+        assert kv2.razor and kv2.compensation == 0 and kv2.retrieval == kv.retrieval and kv2.local == kv.local
+        assert _native.n_ubatch(llm._ctx.ctx) == 16  # pad256(4 + 16 + 16): the context's ubatch, no split
+    finally:
+        llm.close()
 
 
 def test_overrides(mixed):
@@ -342,13 +366,41 @@ def test_prefix_reuse_across_turns_same_tokens(mixed, capsys):
 
 
 @pytest.mark.parametrize("unified", [False, True])
-def test_seq_cp_and_keep(mixed, unified):
+@pytest.mark.parametrize("compensation", [True, False])
+def test_seq_cp_and_keep(mixed, unified, compensation):
     """Copy a sequence whose early tokens are folded, continue both copies differently, keep one:
     every continuation equals a fresh run of its own tokens."""
-    got, kept, (prefix, tails, more) = copy_continue_keep(mixed, unified)
+    ov = None if compensation else NO_COMP
+    got, kept, (prefix, tails, more) = copy_continue_keep(mixed, unified, kv_overrides=ov)
     n = len(prefix)
     for j in (0, 1):
-        ref = _oracle(mixed, prefix + tails[j])[n:]
+        ref = _oracle(mixed, prefix + tails[j], compensation=compensation)[n:]
         assert np.abs(np.array(got[j]) - ref).max() < F32_TOL
-    ref = _oracle(mixed, prefix + tails[1] + more)[n + 20:]
+    ref = _oracle(mixed, prefix + tails[1] + more, compensation=compensation)[n + 20:]
     assert np.abs(np.array(kept) - ref).max() < F32_TOL
+
+
+def _graph_nodes(path, capfd, **kw) -> int:
+    """Nodes of the token-generation graph llama.cpp reserves for a context (its `graph: nodes =` line)."""
+    from razor_gguf import Llama
+
+    capfd.readouterr()
+    llm = Llama(model_path=str(path), n_ctx=512, n_batch=64, n_ubatch=64, flash_attn=True, verbose=True, **kw)
+    llm.close()
+    m = re.search(r"graph(?: \(pp bs=\d+, tg bs=\d+\))?: nodes = (\d+)(?: / (\d+))?", capfd.readouterr().err)
+    assert m, "llama.cpp no longer logs its graph size"
+    return int(m.group(2) or m.group(1))
+
+
+def test_graph_node_overhead(mixed, capfd):
+    """The razor attention's extra graph nodes (views included) over the stock graph, per layer kind, so that a
+    regression shows. MIXED has three split layers and one all-local layer (no permutation, no merge).
+    Measured: +50 per split layer with the compensation row (permutation 10, fold 23, second attention and
+    merge), +27 without it (no fold, no sums)."""
+    stock = _graph_nodes(mixed[0], capfd, kv_overrides={"razor.enabled": False})
+    with_row = _graph_nodes(mixed[0], capfd)
+    without = _graph_nodes(mixed[0], capfd, kv_overrides=NO_COMP)
+    print(f"\ngraph nodes: stock {stock}, razor {with_row} (+{with_row - stock}), "
+          f"razor without the compensation row {without} (+{without - stock})")
+    assert with_row - stock <= 3 * 50 + 25
+    assert without - stock <= 3 * 27 + 4

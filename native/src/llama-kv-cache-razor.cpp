@@ -142,21 +142,23 @@ bool razor_get_i64(const llama_model_loader & ml, const char * key, int64_t & ou
 
 llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
     const uint32_t n_keep = n_seq_stream*(cfg.n_sink + cfg.n_window);
-    // the slack (one ubatch of new tokens + a scratch row per query) costs at most about half the window
+    // the slack (one ubatch of new tokens, plus a scratch row per query with the compensation row) costs at
+    // most about half the window
     const uint32_t n_ub0 = std::max(1u, std::min(n_ubatch, std::max(32u, cfg.n_window/4)));
+    const uint32_t k = cfg.compensation ? 2 : 1; // ring rows per ubatch token
 
     llama_razor_ring r;
-    r.size = GGML_PAD(std::min(n_keep + cfg.n_margin_min + n_ub0, kv_size) + n_ub0, 256);
-    if ((uint64_t) n_keep + cfg.n_margin_min + 2ull*n_ubatch <= r.size) {
+    r.size = GGML_PAD(std::min(n_keep + cfg.n_margin_min + n_ub0, kv_size) + (k - 1)*n_ub0, 256);
+    if ((uint64_t) n_keep + cfg.n_margin_min + (uint64_t) k*n_ubatch <= r.size) {
         // the context's ubatch fits the padded ring: no split (the same ubatch boundaries as the stock cache)
         r.n_ubatch = n_ubatch;
     } else {
         // the padding first keeps recently evicted rows (they make trims of that many tokens exact), then
         // holds larger ubatches: fewer graphs per prompt
-        const uint32_t n_spare = r.size - std::min(r.size, n_keep + 2*n_ub0);
-        r.n_ubatch = std::min(n_ubatch, n_ub0 + (n_spare - std::min(n_spare, LLAMA_RAZOR_MARGIN))/2);
+        const uint32_t n_spare = r.size - std::min(r.size, n_keep + k*n_ub0);
+        r.n_ubatch = std::min(n_ubatch, n_ub0 + (n_spare - std::min(n_spare, LLAMA_RAZOR_MARGIN))/k);
     }
-    r.n_margin = (uint32_t) std::clamp<int64_t>((int64_t) r.size - n_keep - 2*r.n_ubatch, 0, LLAMA_RAZOR_MARGIN);
+    r.n_margin = (uint32_t) std::clamp<int64_t>((int64_t) r.size - n_keep - (int64_t) k*r.n_ubatch, 0, LLAMA_RAZOR_MARGIN);
     return r;
 }
 
@@ -290,9 +292,9 @@ const char * llama_razor_unsupported(const llama_model & model, const llama_razo
     if (cparams.n_ctx_seq <= cfg.n_sink + cfg.n_window) {
         return "the window covers the whole context, nothing would be evicted";
     }
-    // the ring holds a ubatch of new tokens and a scratch row per query on top of sinks + window + margin
+    // the ring holds a ubatch of new tokens (and a scratch row per query) on top of sinks + window + margin
     if (!razor_ring_fits(cfg, cparams)) {
-        return "the local ring (sinks + window + margin + 2 x its ubatch) is larger than the context, nothing to save";
+        return "the local ring (sinks + window + margin + its ubatch and scratch rows) is larger than the context, nothing to save";
     }
     return nullptr;
 }
@@ -325,7 +327,7 @@ void llama_razor_bytes_for(
         if (n_loc > 0) {
             out[1] += tensor((int64_t) ring*n_stream*ggml_row_size(type_k, dk*n_loc)) +
                       tensor((int64_t) ring*n_stream*ggml_row_size(type_v, dv*n_loc));
-            out[2] += tensor((int64_t) n_seq_max*(dk + dv)*n_loc*(int64_t) sizeof(float));
+            out[2] += cfg.compensation ? tensor((int64_t) n_seq_max*(dk + dv)*n_loc*(int64_t) sizeof(float)) : 0;
         }
         out[3] += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
     }
@@ -437,7 +439,7 @@ llama_kv_cache_razor::llama_kv_cache_razor(
                  uint32_t   n_ubatch) :
     model(model), cfg(cfg), hparams_retr(model.hparams), hparams_loc(model.hparams),
     n_seq_max(n_seq_max), unified(unified), ring(llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size)),
-    n_scratch(ring.n_ubatch), n_margin(ring.n_margin) {
+    n_scratch(cfg.compensation ? ring.n_ubatch : 0), n_margin(ring.n_margin) {
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer_all;
 
@@ -501,7 +503,7 @@ llama_kv_cache_razor::llama_kv_cache_razor(
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr, buft_cmp> ctx_map;
 
     comp.assign(n_layer, nullptr);
-    for (uint32_t il = 0; il < n_layer; ++il) {
+    for (uint32_t il = 0; il < n_layer && cfg.compensation; ++il) {
         if (cfg.n_local(il) == 0) {
             continue;
         }
@@ -756,7 +758,7 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
 void llama_kv_cache_razor::reset_folded(llama_seq_id seq_id, const char * caller, const char * what) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
-            LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
+            if (cfg.compensation) LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
             reset_seq(s);
         }
     }
@@ -922,11 +924,13 @@ bool llama_kv_cache_razor::plan_ubatch(const llama_ubatch & ub, fold_plan & P) {
             if (pos <= st.g) {
                 continue;
             }
-            if (row_pos[js].size() >= NR) {
-                LLAMA_LOG_ERROR("%s: razor: sequence %d jumps ahead by more than a ubatch: cannot fold\n", __func__, s);
-                return false;
+            if (cfg.compensation) {
+                if (row_pos[js].size() >= NR) {
+                    LLAMA_LOG_ERROR("%s: razor: sequence %d jumps ahead by more than a ubatch: cannot fold\n", __func__, s);
+                    return false;
+                }
+                P.rows[(size_t) js*NR + row_pos[js].size()] = strm*size + cell;
             }
-            P.rows[(size_t) js*NR + row_pos[js].size()] = strm*size + cell;
             row_pos[js].push_back(pos);
         }
     }
@@ -949,9 +953,11 @@ bool llama_kv_cache_razor::plan_ubatch(const llama_ubatch & ub, fold_plan & P) {
             P.log_l[t] = cfg.compensation ? logf((float) l) : -INFINITY;
         }
 
-        const uint32_t ii = t % n_tps;
-        P.scratch_col[t] = size - n_scratch + ii;
-        P.scratch[t]     = (int64_t) kv_loc->get_stream(s)*size + size - n_scratch + ii;
+        if (n_scratch > 0) {
+            const uint32_t ii = t % n_tps;
+            P.scratch_col[t] = size - n_scratch + ii;
+            P.scratch[t]     = (int64_t) kv_loc->get_stream(s)*size + size - n_scratch + ii;
+        }
     }
 
     // the new stored sums of each sequence: everything up to g_new
@@ -1066,7 +1072,7 @@ llm_graph_input_attn_kv_razor::llm_graph_input_attn_kv_razor(
 // the cache's own mask hides positions older than window + margin; the evicted ones still cached (the
 // margin) are hidden here per query, and each query's compensation row gets log(l)
 template <typename T>
-static void razor_fill_mask_cols(T * data, int64_t n_kv, const llama_kv_cache_razor::fold_plan & P, const llama_ubatch * ub, uint32_t n_window) {
+static void razor_fill_mask_cols(T * data, int64_t n_kv, const llama_kv_cache_razor::fold_plan & P, const llama_ubatch * ub, uint32_t n_window, bool compensation) {
     const T drop = llama_cast<T>(-INFINITY);
     for (uint32_t t = 0; t < P.n_tokens; ++t) {
         T * row = data + (int64_t) t*n_kv;
@@ -1076,7 +1082,9 @@ static void razor_fill_mask_cols(T * data, int64_t n_kv, const llama_kv_cache_ra
             }
             row[cell] = drop;
         }
-        row[P.scratch_col[t]] = llama_cast<T>(P.log_l[t]);
+        if (compensation) {
+            row[P.scratch_col[t]] = llama_cast<T>(P.log_l[t]);
+        }
     }
 }
 
@@ -1109,9 +1117,9 @@ void llm_graph_input_attn_kv_razor::set_input(const llama_ubatch * ubatch) {
     if (razor_is_set(loc_kq_mask)) {
         loc->set_input_kq_mask(loc_kq_mask, ubatch, cparams.causal_attn);
         if (loc_kq_mask->type == GGML_TYPE_F16) {
-            razor_fill_mask_cols((ggml_fp16_t *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window);
+            razor_fill_mask_cols((ggml_fp16_t *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window, kv->get_config().compensation);
         } else {
-            razor_fill_mask_cols((float *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window);
+            razor_fill_mask_cols((float *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window, kv->get_config().compensation);
         }
     }
 
@@ -1170,9 +1178,11 @@ bool llm_graph_input_attn_kv_razor::can_reuse(const llm_graph_params & params) {
     }
     res &= loc_k_idxs->ne[0] == T;
     res &= razor_mask_fits(loc_kq_mask, mctx_razor->get_loc(), params);
-    res &= fold_rows->ne[0] == (mctx_razor->get_razor()->get_n_margin() + T)*NS;
-    res &= fold_pick->ne[0] == T + NS;
-    res &= state_get->ne[0] == NS;
+    if (fold_rows) {
+        res &= fold_rows->ne[0] == (mctx_razor->get_razor()->get_n_margin() + T)*NS;
+        res &= fold_pick->ne[0] == T + NS;
+        res &= state_get->ne[0] == NS;
+    }
     for (ggml_tensor * t : perm) {
         res &= t == nullptr || t->ne[1] == T;
     }
@@ -1225,14 +1235,16 @@ llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g
     inp->loc_v_idxs  = loc->build_input_v_idxs(ctx0, ub);
     inp->loc_kq_mask = razor_new_mask(ctx0, loc, ub, g.cparams, "razor_inp_kq_mask_loc");
 
-    inp->fold_rows   = razor_new_input(ctx0, GGML_TYPE_I32, (rc->get_razor()->get_n_margin() + T)*NS, 0, "razor_inp_fold_rows");
-    inp->fold_pick   = razor_new_input(ctx0, GGML_TYPE_I32, T + NS, 0, "razor_inp_fold_pick");
-    inp->fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
-    inp->state_get   = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
-    inp->state_set   = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
-    inp->scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
-
     const auto * kv = rc->get_razor();
+    if (kv->get_config().compensation) {
+        inp->fold_rows   = razor_new_input(ctx0, GGML_TYPE_I32, (kv->get_n_margin() + T)*NS, 0, "razor_inp_fold_rows");
+        inp->fold_pick   = razor_new_input(ctx0, GGML_TYPE_I32, T + NS, 0, "razor_inp_fold_pick");
+        inp->fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
+        inp->state_get   = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
+        inp->state_set   = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
+        inp->scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
+    }
+
     const uint32_t n_layer = g.hparams.n_layer_all;
     inp->perm.assign(n_layer, nullptr);
     inp->inv_perm.assign(n_layer, nullptr);
@@ -1270,6 +1282,17 @@ uint32_t llama_razor_n_graph_nodes(const llama_memory_i * mem) {
 static ggml_tensor * razor_view_like(ggml_context * ctx, ggml_tensor * parent, const ggml_tensor * ref) {
     GGML_ASSERT(parent->view_src == ref->view_src && parent->view_offs == 0);
     return ggml_view_4d(ctx, parent, ref->ne[0], ref->ne[1], ref->ne[2], ref->ne[3], ref->nb[1], ref->nb[2], ref->nb[3], ref->view_offs);
+}
+
+// 4. the attention outputs of both head groups back in the model's head order: [d_v*n_head, T]
+static ggml_tensor * razor_merge_heads(ggml_context * ctx, ggml_tensor * inv_perm, ggml_tensor * out_r, ggml_tensor * out_l,
+        int64_t d_group, int64_t n_r, int64_t n_l, int64_t T) {
+    if (n_r == 0) {
+        return out_l;
+    }
+    ggml_tensor * out = ggml_concat(ctx, ggml_reshape_3d(ctx, out_r, d_group, n_r, T), ggml_reshape_3d(ctx, out_l, d_group, n_l, T), 1);
+    out = ggml_get_rows(ctx, out, inv_perm);
+    return ggml_reshape_2d(ctx, out, d_group*(n_r + n_l), T);
 }
 
 ggml_tensor * llama_razor_build_attn(
@@ -1341,6 +1364,14 @@ ggml_tensor * llama_razor_build_attn(
 
     ggml_tensor * k_st = cl->cpy_k(ctx0, k_l, inp->loc_k_idxs, il);
     ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, inp->loc_v_idxs, il);
+    if (!kv->get_config().compensation) {
+        // sinks + window only: the evicted rows are masked, nothing is folded
+        ggml_build_forward_expand(gf, k_st);
+        ggml_build_forward_expand(gf, v_st);
+        ggml_tensor * out_l = g.build_attn_mha(q_l, razor_view_like(ctx0, k_st, cl->get_k(ctx0, il)),
+                razor_view_like(ctx0, v_st, cl->get_v(ctx0, il)), nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
+        return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
+    }
     ggml_tensor * k2 = ggml_reshape_2d(ctx0, k_st, k_st->ne[0], ggml_nelements(k_st)/k_st->ne[0]);
     ggml_tensor * v2 = ggml_reshape_2d(ctx0, v_st, v_st->ne[0], ggml_nelements(v_st)/v_st->ne[0]);
 
@@ -1382,17 +1413,7 @@ ggml_tensor * llama_razor_build_attn(
     ggml_tensor * v = razor_view_like(ctx0, v_fin, cl->get_v(ctx0, il));
     ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
 
-    if (n_r == 0) {
-        return out_l;
-    }
-
-    // 4. back to the model's head order
-    ggml_tensor * out = ggml_concat(ctx0,
-            ggml_reshape_3d(ctx0, out_r, d_v*n_gqa, n_r, T),
-            ggml_reshape_3d(ctx0, out_l, d_v*n_gqa, n_l, T), 1);
-    out = ggml_get_rows(ctx0, out, inp->inv_perm[il]);
-
-    return ggml_reshape_2d(ctx0, out, d_v*n_head, T);
+    return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
 }
 
 //

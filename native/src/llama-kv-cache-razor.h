@@ -29,7 +29,8 @@ struct llama_razor_config {
     uint32_t n_layer   = 0;
     uint32_t n_head_kv = 0;
 
-    // razor.compensation: the log(l)-weighted mean row of the evicted tokens (SPEC); off = sinks + window only
+    // razor.compensation: the log(l)-weighted mean row of the evicted tokens (SPEC); off = sinks + window only,
+    // with neither the sums, nor the scratch rows, nor the fold in the graph
     bool compensation = true;
 
     std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval
@@ -54,8 +55,8 @@ struct llama_razor_config {
 #define LLAMA_RAZOR_MARGIN 64u
 
 // the local ring of a context, per stream: sinks + window of each of its n_seq_stream sequences, the margin,
-// one ubatch of new tokens and one compensation scratch row per query, padded to 256 cells (the flash-attention
-// kernels' KV stride). The razor cache splits batches into ubatches of n_ubatch tokens (at most the context's):
+// one ubatch of new tokens and, with the compensation row, one scratch row per query, padded to 256 cells (the
+// flash-attention kernels' KV stride). The razor cache splits batches into ubatches of n_ubatch tokens (at most the context's):
 // max(32, window/4) plus what the padding leaves, so that this slack costs about half the window, not 2 x n_ubatch
 struct llama_razor_ring {
     uint32_t size     = 0;

@@ -44,11 +44,13 @@ def forward(
     slack: int | npt.ArrayLike = 0,
     positions: npt.ArrayLike | None = None,
     reference: bool = False,
+    compensation: bool = True,
 ) -> Array:
     """Logits [T, n_vocab] for `tokens` (one sequence, positions 0..T-1 by default).
 
     head_map: [n_layer, n_head_kv] (1 = retrieval); None means all retrieval (stock attention),
-    in which case n_sink/window/slack do not matter. reference=True runs in float64.
+    in which case n_sink/window/slack do not matter. reference=True runs in float64. compensation=False:
+    local heads see sinks + window only (razor.compensation = false).
     Compare llama.cpp with an f32 KV cache and flash attention off for a tight match: f16 KV
     (the default) and flash attention (which casts K/V to f16 even from an f32 cache) add f16
     rounding that 4 random layers amplify to ~1e-2; rounding K/V/Q here does not reproduce it.
@@ -69,7 +71,8 @@ def forward(
         k = (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
         v = (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
         q, k = rope_norm(q, pos, cfg.rope_base), rope_norm(k, pos, cfg.rope_base)
-        att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, reference=reference)
+        att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, reference=reference,
+                              compensation=compensation)
         x = x + att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
         h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
         g = h @ w[p + "ffn_gate.weight"].T
