@@ -113,3 +113,57 @@ def is_correct(answer: str, number: str) -> bool:
     """Exact match: the first number in the answer is the needle's number."""
     m = re.search(r"\d+", answer.replace(",", ""))
     return m is not None and m.group(0) == number
+
+
+@dataclass(frozen=True)
+class MultiNeedlePrompt:
+    text: str
+    answer: str  # the number of the city the question names
+    city: str
+    depth: float  # depth of the asked needle
+    n_tokens: int
+    needles: tuple[tuple[str, str, float], ...]  # (city, number, depth) of every needle, in text order
+
+
+def make_multi_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int,
+                      needles: Sequence[tuple[str, str, float]], ask: int) -> MultiNeedlePrompt:
+    """RULER's multi-key form: several needles (city, number, depth) in one haystack, the question naming
+    the city of needles[ask]; the other needles are distractors of the same shape. At most n_tokens tokens."""
+    if not 0 <= ask < len(needles) or len({c for c, _, _ in needles}) != len(needles):
+        raise ValueError("needles need distinct cities and `ask` must index one of them")
+    if any(not 0.0 <= d <= 1.0 for _, _, d in needles):
+        raise ValueError("depths must be in [0, 1]")
+    order = sorted(needles, key=lambda n: n[2])
+    texts = [NEEDLE.format(city=c, number=x) for c, x, _ in order]
+    city, number, depth = needles[ask]
+    question = QUESTION.format(city=city)
+    sentences = re.findall(r"[^.!?\n]+[.!?]+\s*", haystack)
+    budget = n_tokens - len(tokenize(INTRO + "".join(texts) + question))
+    taken, n = [], 0
+    for s in itertools.islice(itertools.cycle(sentences), 20 * n_tokens):
+        k = len(tokenize(s))
+        if n + k > budget:
+            break
+        taken.append(s)
+        n += k
+    while True:
+        parts, prev = [INTRO], 0
+        for (_, _, d), t in zip(order, texts):
+            at = round(len(taken) * d)
+            parts += taken[prev:at] + [t]
+            prev = at
+        text = "".join(parts + taken[prev:] + [question])
+        count = len(tokenize(text))
+        if count <= n_tokens or not taken:
+            return MultiNeedlePrompt(text, number, city, depth, count, tuple(order))
+        taken.pop()
+
+
+def multi_trial(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int, n_needles: int,
+                seed: int) -> MultiNeedlePrompt:
+    """One multi-needle prompt from a seed: n_needles distinct cities with random seven-digit numbers at
+    random depths, the question naming one of them at random."""
+    rng = random.Random(seed)
+    cities = rng.sample(CITIES, n_needles)
+    needles = [(c, str(rng.randint(1_000_000, 9_999_999)), rng.random()) for c in cities]
+    return make_multi_prompt(tokenize, haystack, n_tokens, needles, rng.randrange(n_needles))

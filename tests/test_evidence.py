@@ -1,0 +1,120 @@
+"""tools/evidence.py and what it stands on: Wilson intervals and the block bootstrap on known values, the
+multi-needle prompts, then a short real run on SmolLM2 that checks the cells, the resume and the report."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from razor_gguf import niah
+from razor_gguf.intervals import block_means, bootstrap_ratio, wilson
+
+TOOL = pathlib.Path(__file__).parents[1] / "tools" / "evidence.py"
+
+
+def tokenize(text: str) -> list[int]:  # one token per word
+    return list(range(len(text.split())))
+
+
+def test_wilson_known_values():
+    # Wilson (1927) at z = 1.96; e.g. Newcombe (1998), table I: 0/20 -> [0, 0.161], 10/20 -> [0.299, 0.701]
+    assert wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    assert wilson(10, 20) == pytest.approx((0.2993, 0.7007), abs=1e-4)
+    assert wilson(15, 20) == pytest.approx((0.5313, 0.8881), abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        wilson(3, 2)
+
+
+def test_block_bootstrap():
+    v = np.arange(10, dtype=float)
+    assert block_means(v, 4).tolist() == [1.5, 5.5, 8.5]
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 0.5, 400)
+    lo, hi = bootstrap_ratio(block_means(x, 10), weights=np.full(40, 10.0))
+    assert lo < x.mean() < hi and hi - lo < 0.4
+    # a paired ratio of a series with itself is exactly 1 in every resample
+    b = block_means(x, 10)
+    assert bootstrap_ratio(b, b) == pytest.approx((1.0, 1.0))
+
+
+def test_multi_needle_prompt():
+    hay = niah.haystack_text()
+    p = niah.multi_trial(tokenize, hay, 3000, 4, seed=5)
+    assert p.n_tokens <= 3000 and p.n_tokens > 2800
+    assert len(p.needles) == 4 and [d for _, _, d in p.needles] == sorted(d for _, _, d in p.needles)
+    positions = [p.text.index(niah.NEEDLE.format(city=c, number=x)) for c, x, _ in p.needles]
+    assert positions == sorted(positions)
+    assert p.text.endswith(niah.QUESTION.format(city=p.city))
+    assert (p.city, p.answer, p.depth) in p.needles
+    # each needle at its depth of the haystack
+    for (c, x, d), at in zip(p.needles, positions):
+        assert abs(at / len(p.text) - d) < 0.05
+    assert niah.multi_trial(tokenize, hay, 3000, 4, seed=5) == p
+    assert niah.multi_trial(tokenize, hay, 3000, 4, seed=6) != p
+    with pytest.raises(ValueError):
+        niah.make_multi_prompt(tokenize, hay, 500, [("Oslo", "1", 0.1), ("Oslo", "2", 0.2)], 0)
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
+    """The machinery at a small size: every cell of the plan lands in the JSON with its interval and wall
+    time; a second run does nothing; asking for one prompt more runs only that prompt per cell."""
+    model = str(smollm2_razor[0])
+    out = tmp_path / "ev.json"
+    base = ["run", model, "--out", str(out), "--ctx", "512", "--budget", "0.6", "--no-progress"]
+    r = _run(*base, "--plan", "targets,kld", "--n", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    keys = {f"{t}/512/{m}" + ("" if m == "full" else "/0.6") for t in ("passkey", "mniah")
+            for m in ("full", "razor", "streaming")}
+    keys |= {f"kld/512/{m}/0.6" for m in ("razor", "razor_paper", "streaming")}
+    assert set(cells) == keys
+    for k, c in cells.items():
+        assert c["supported"], (k, c)
+        assert c["wall_seconds"] > 0 and c["machines"]
+        if c["task"] == "kld":
+            assert 0 < c["kld_mean"] and c["kld95"][0] <= c["kld_mean"] <= c["kld95"][1]
+            assert len(c["block_kld"]) == len(c["block_weights"]) and sum(c["block_weights"]) == c["n_positions"]
+        else:
+            assert c["n"] == 2 and [p["i"] for p in c["prompts"]] == [0, 1]
+            lo, hi = c["wilson95"]
+            assert lo <= c["accuracy"] <= hi and c["correct"] == sum(p["correct"] for p in c["prompts"])
+            if c["method"] != "full":
+                assert c["kv_fraction"] <= 0.6 and c["window"] > 0
+    full = cells["passkey/512/full"]
+    assert full["correct"] == 2  # the full cache finds a passkey in 512 tokens
+    # the same prompts for every method
+    assert [p["expected"] for p in cells["mniah/512/razor/0.6"]["prompts"]] == \
+        [p["expected"] for p in cells["mniah/512/full"]["prompts"]]
+
+    before = out.read_text()
+    r = _run(*base, "--plan", "targets,kld", "--n", "2")
+    assert r.returncode == 0 and out.read_text() == before and "evidence:" not in r.stderr
+
+    r = _run(*base, "--plan", "targets", "--n", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells2 = json.loads(out.read_text())["cells"]
+    for k in keys:
+        if not k.startswith("kld"):
+            assert [p["i"] for p in cells2[k]["prompts"]] == [0, 1, 2]
+            assert cells2[k]["prompts"][:2] == cells[k]["prompts"]
+
+    r = _run("report", str(out), "--plot", str(tmp_path / "frontier.png"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| 512 | 0.6 | razor |" in r.stdout and "mean KLD" in r.stdout
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_evidence_refuses_another_model(smollm2_path, tmp_path):
+    out = tmp_path / "ev.json"
+    out.write_text(json.dumps({"model": "x.gguf", "model_sha256": "0" * 64, "cells": {}}))
+    r = _run("run", smollm2_path, "--out", str(out), "--plan", "targets", "--ctx", "256", "--n", "1")
+    assert r.returncode != 0 and "another model" in r.stderr

@@ -1,0 +1,481 @@
+#!/usr/bin/env python3
+"""Quality evidence with statistical power: the full cache, razor and StreamingLLM at equal KV budgets on
+passkey, multi-needle NIAH and next-token KLD, run in cells that a JSON file accumulates across sittings.
+
+  tools/evidence.py run MODEL.razor.gguf --out docs/results/evidence-smollm2.json [--plan targets,frontier,kld]
+  tools/evidence.py report docs/results/evidence-smollm2.json [--plot-dir docs/results]
+
+A cell is (task, prompt length, method, KV budget). Prompt i of a cell is the same text for every method and
+budget (its seed is (task, length, i)), so methods are compared on the same prompts, and a cell asked for more
+prompts than it holds runs only the missing ones: a run stopped at any point (Ctrl-C, --max-minutes) keeps
+every finished cell, and the next run goes on from there. Each cell records its wall time and the machine.
+
+Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the largest window that fits it):
+  full         the stock cache;
+  razor        the model's measured defaults (its head map, its razor.compensation);
+  razor_paper  the paper's defaults: the same head map with the compensation row;
+  streaming    StreamingLLM: every head local (sinks + window), no compensation row.
+Retrieval cells report accuracy with 95% Wilson intervals; KLD cells report mean KLD and top-1 agreement
+against the full cache with 95% block-bootstrap intervals (blocks of 256 positions) over held-out prose
+(Python's standard-library docstrings, never the calibration text of embed-heads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import pathlib
+import random
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from razor_gguf.intervals import block_means, bootstrap_ratio, wilson  # noqa: E402
+
+TASKS = ("passkey", "mniah")
+METHODS = {
+    "full": {"razor": False},
+    "razor": {"razor": True},
+    "razor_paper": {"razor": True, "compensation": True},
+    "streaming": {"razor": True, "retrieval_ratio": 0.0, "compensation": False},
+}
+PLANS = {
+    # the cells that carry the targets (and 2k, reported)
+    "targets": dict(tasks=TASKS, lengths=(2048, 4096, 8192), budgets=(0.35,), methods=("razor", "streaming"), n=20),
+    # quality against allocated KV at 4k
+    "frontier": dict(tasks=TASKS, lengths=(4096,), budgets=(0.15, 0.25, 0.35, 0.5),
+                     methods=("razor", "razor_paper", "streaming"), n=10),
+    # next-token distributions over held-out prose
+    "kld": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_paper", "streaming"),
+                n=1),
+    "kld-frontier": dict(tasks=("kld",), lengths=(4096,), budgets=(0.15, 0.25, 0.35, 0.5),
+                         methods=("razor", "razor_paper", "streaming"), n=1),
+}
+N_NEEDLES = 4
+MAX_NEW_TOKENS = 10
+N_UBATCH = 256
+KLD_BLOCK = 256
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def depth_of(i: int) -> float:
+    """Needle depth of prompt i: the base-2 van der Corput sequence (0, .5, .25, .75, ...), so the first n
+    prompts of a cell spread evenly over the context for any n."""
+    d, f = 0.0, 0.5
+    while i:
+        d += f * (i & 1)
+        i >>= 1
+        f /= 2
+    return d
+
+
+def prompt_of(task: str, tokenize, length: int, i: int, haystack: str):
+    """(text, expected answer, depth) of prompt i of a task at a length."""
+    from razor_gguf import niah, passkey
+
+    seed = int.from_bytes(hashlib.sha256(f"{task}/{length}/{i}".encode()).digest()[:4], "little")
+    if task == "passkey":
+        key = str(random.Random(seed).randint(10000, 99999))
+        p = passkey.make_prompt(tokenize, length, depth_of(i), key)
+        return p.text, p.key, p.depth
+    p = niah.multi_trial(tokenize, haystack, length, N_NEEDLES, seed)
+    return p.text, p.answer, p.depth
+
+
+def is_correct(task: str, answer: str, expected: str) -> bool:
+    from razor_gguf import niah, passkey
+
+    return (passkey.is_correct if task == "passkey" else niah.is_correct)(answer, expected)
+
+
+# ------------------------------------------------------------------------------------------- store
+
+
+def cell_key(task: str, length: int, method: str, budget: float | None) -> str:
+    return f"{task}/{length}/{method}" + ("" if method == "full" else f"/{budget:g}")
+
+
+def load_store(path: pathlib.Path, model: str) -> dict:
+    if path.exists():
+        store = json.loads(path.read_text())
+        if store.get("model_sha256") != sha256_of(model):
+            print(f"evidence: {path} holds results of another model file ({store.get('model')}); use another --out",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        return store
+    return {"schema": 1, "model": os.path.basename(model), "model_sha256": sha256_of(model),
+            "settings": {"n_needles": N_NEEDLES, "max_new_tokens": MAX_NEW_TOKENS, "n_ubatch": N_UBATCH,
+                         "kld_block": KLD_BLOCK, "flash_attn": True, "greedy": True}, "cells": {}}
+
+
+def save_store(path: pathlib.Path, store: dict) -> None:
+    """Atomically: a run killed while writing leaves the previous file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+_SHA: dict[str, str] = {}
+
+
+def sha256_of(path: str) -> str:
+    if path not in _SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for b in iter(lambda: f.read(1 << 20), b""):
+                h.update(b)
+        _SHA[path] = h.hexdigest()
+    return _SHA[path]
+
+
+def machine_summary() -> dict:
+    from razor_gguf.machine import machine_info
+
+    m = machine_info()
+    return {k: m.get(k) for k in ("cpu", "n_cores", "backends", "gpu", "llama_cpp")}
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def ctx_for(length: int) -> int:
+    """Context for a prompt of `length` tokens plus the answer, rounded up to llama.cpp's 256 padding."""
+    return -(-(length + MAX_NEW_TOKENS + 2) // 256) * 256
+
+
+def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, n_ubatch: int = N_UBATCH, **extra):
+    """(razor_gguf.Llama, razor_stats) or (None, why the method cannot run there)."""
+    from razor_gguf.llama import Llama, RazorUnavailableError
+
+    kw = dict(METHODS[method])
+    if method != "full":
+        kw["kv_budget"] = budget
+    try:
+        llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=True, seed=0,
+                    verbose=False, n_gpu_layers=args.n_gpu_layers, **kw, **extra)
+    except (RazorUnavailableError, ValueError) as e:
+        return None, str(e).splitlines()[0]
+    return llm, llm.razor_stats()
+
+
+def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
+    return {"method": method, "budget": budget, "ctx": n_ctx, "supported": True, "kv_bytes": st["kv_bytes"],
+            "kv_fraction": st["kv_bytes"] / st["full_equiv_bytes"], "full_equiv_bytes": st["full_equiv_bytes"],
+            "window": st["window"], "n_sink": st["n_sink"], "retrieval_heads": st["retrieval_heads"],
+            "compensation": st["compensation"], "n_ubatch": n_ubatch}
+
+
+def run_retrieval_cell(store, key, task, length, method, budget, n, args, haystack) -> float:
+    """Runs the prompts a cell is missing up to n; returns the seconds spent."""
+    cell = store["cells"].get(key)
+    done = {p["i"] for p in cell["prompts"]} if cell and cell.get("supported") else set()
+    todo = [i for i in range(n) if i not in done]
+    if cell and not cell.get("supported") or not todo:
+        return 0.0
+    t0 = time.perf_counter()
+    llm, st = open_model(args.model, method, budget, ctx_for(length), args)
+    if llm is None:
+        store["cells"][key] = {"task": task, "length": length, "method": method, "budget": budget,
+                               "supported": False, "reason": st}
+        return time.perf_counter() - t0
+    try:
+        tok = lambda text: llm.tokenize(text.encode(), add_bos=True)  # noqa: E731
+        prompts = list(cell["prompts"]) if cell else []
+        for i in todo:
+            text, expected, depth = prompt_of(task, tok, length, i, haystack)
+            llm.reset()  # every prompt from an empty cache
+            out = llm.create_completion(text, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1)
+            answer = out["choices"][0]["text"].strip()
+            prompts.append({"i": i, "depth": round(depth, 4), "n_tokens": len(tok(text)), "expected": expected,
+                            "answer": answer, "correct": is_correct(task, answer, expected)})
+            if args.progress:
+                print(f"  {key} #{i}: {'ok ' if prompts[-1]['correct'] else 'MISS'} {answer[:30]!r}",
+                      file=sys.stderr)
+    finally:
+        llm.close()
+    wall = time.perf_counter() - t0
+    prompts.sort(key=lambda p: p["i"])
+    k = sum(p["correct"] for p in prompts)
+    lo, hi = wilson(k, len(prompts))
+    store["cells"][key] = {"task": task, "length": length, **cell_head(method, budget, ctx_for(length), st, N_UBATCH),
+                           "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
+                           "wall_seconds": round((cell or {}).get("wall_seconds", 0.0) + wall, 1),
+                           "machines": _machines(cell), "prompts": prompts}
+    return wall
+
+
+def _machines(cell: dict | None) -> list:
+    ms = list((cell or {}).get("machines", []))
+    m = machine_summary()
+    return ms if m in ms else ms + [m]
+
+
+def kld_tokens(tokenize, haystack: str, length: int) -> list[int]:
+    """`length` tokens of the held-out prose (repeated if the text is shorter)."""
+    toks = tokenize(haystack)
+    while len(toks) < length:
+        toks = toks + toks[1:]
+    return toks[:length]
+
+
+def run_kld_group(store, length, budget, methods, args, haystack) -> float:
+    """The full cache's logits over `length` tokens, then each method's KLD / top-1 against them, per block
+    of KLD_BLOCK positions. All methods run at the smallest ubatch any of them needs, the full cache too
+    (llama.cpp's kernels are not batch-invariant, which would otherwise count against razor)."""
+    import numpy as np
+
+    from razor_gguf.kld import kl_and_top1
+
+    keys = {m: cell_key("kld", length, m, budget) for m in methods}
+    todo = [m for m in methods if keys[m] not in store["cells"]]
+    if not todo:
+        return 0.0
+    t0 = time.perf_counter()
+    n_ctx = ctx_for(length)
+    heads, ub = {}, N_UBATCH
+    for m in todo:  # find each method's cache (or why it cannot run) and the common ubatch
+        llm, st = open_model(args.model, m, budget, n_ctx, args)
+        if llm is None:
+            store["cells"][keys[m]] = {"task": "kld", "length": length, "method": m, "budget": budget,
+                                       "supported": False, "reason": st}
+            continue
+        llm.close()
+        heads[m] = st
+        ub = min(ub, st["n_ubatch"] or ub)
+    if not heads:
+        return time.perf_counter() - t0
+
+    def logits(method):
+        llm, st = open_model(args.model, method, budget, n_ctx, args, n_ubatch=ub, logits_all=True)
+        try:
+            toks = kld_tokens(lambda t: llm.tokenize(t.encode(), add_bos=True), haystack, length)
+            for i in range(0, length, ub):
+                llm.eval(toks[i:i + ub])
+            return np.array(llm.scores[:length - 1], dtype=np.float32), st
+        finally:
+            llm.close()
+
+    ref, _ = logits("full")
+    for m in heads:
+        t1 = time.perf_counter()
+        out, st = logits(m)
+        kl, top1 = kl_and_top1(ref, out)
+        del out
+        lo = min((st["n_sink"] or 0) + (st["window"] or 0), len(kl))
+        kb, tb = block_means(kl, KLD_BLOCK), block_means(top1.astype(np.float64), KLD_BLOCK)
+        w = np.array([min(KLD_BLOCK, len(kl) - i) for i in range(0, len(kl), KLD_BLOCK)], dtype=np.float64)
+        store["cells"][keys[m]] = {
+            "task": "kld", "length": length, **cell_head(m, budget, n_ctx, st, ub), "n_positions": len(kl),
+            "kld_mean": float(kl.mean()), "kld95": list(bootstrap_ratio(kb, weights=w)),
+            "top1": float(top1.mean()), "top1_95": list(bootstrap_ratio(tb, weights=w)),
+            "kld_mean_past_window": float(kl[lo:].mean()) if lo < len(kl) else None,
+            "top1_past_window": float(top1[lo:].mean()) if lo < len(kl) else None,
+            "block_kld": [round(float(x), 6) for x in kb], "block_top1": [round(float(x), 5) for x in tb],
+            "block_weights": w.astype(int).tolist(),
+            "wall_seconds": round(time.perf_counter() - t1, 1), "machines": _machines(None)}
+    return time.perf_counter() - t0
+
+
+def cmd_run(args) -> int:
+    from razor_gguf import niah
+
+    out = pathlib.Path(args.out)
+    store = load_store(out, args.model)
+    haystack = niah.haystack_text()
+    t_end = time.monotonic() + args.max_minutes * 60 if args.max_minutes else math.inf
+    plans = [PLANS[p] for p in args.plan.split(",")]
+    jobs = []
+    for p in plans:
+        lengths = args.ctx or p["lengths"]
+        budgets = args.budget or p["budgets"]
+        n = args.n or p["n"]
+        for task in p["tasks"]:
+            for length in lengths:
+                if task == "kld":
+                    for b in budgets:
+                        jobs.append(("kld", length, None, b, n))
+                    continue
+                jobs.append((task, length, "full", None, n))
+                for b in budgets:
+                    for m in p["methods"]:
+                        jobs.append((task, length, m, b, n))
+    for task, length, method, budget, n in jobs:
+        if time.monotonic() > t_end:
+            print("evidence: --max-minutes reached; run again to go on", file=sys.stderr)
+            break
+        if task == "kld":
+            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"]]
+            wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args, haystack)
+            label = f"kld/{length}/{budget:g}"
+        else:
+            label = cell_key(task, length, method, budget)
+            wall = run_retrieval_cell(store, label, task, length, method, budget, n, args, haystack)
+        if wall:
+            save_store(out, store)
+            print(f"evidence: {label}: {wall:.1f} s", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _acc(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    if not c.get("supported"):
+        return "cannot run"
+    lo, hi = c["wilson95"]
+    return f"{c['correct']}/{c['n']} = {c['accuracy']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def report(store: dict) -> str:
+    cells = store["cells"]
+    lines = [f"Evidence on {store['model']} (sha256 {store['model_sha256'][:12]}); accuracy k/n [95% Wilson]", ""]
+    lengths = sorted({c["length"] for c in cells.values() if c["task"] != "kld"})
+    for task in TASKS:
+        budgets = sorted({c["budget"] for c in cells.values() if c["task"] == task and c["budget"] is not None})
+        if not budgets:
+            continue
+        lines += [f"**{task}**", "", "| length | budget | method | KV / full | window | accuracy |", "|---|---|---|---|---|---|"]
+        for length in lengths:
+            full = cells.get(cell_key(task, length, "full", None))
+            if full:
+                lines.append(f"| {length} | - | full | 1.000 | - | {_acc(full)} |")
+            for b in budgets:
+                for m in ("razor", "razor_paper", "streaming"):
+                    c = cells.get(cell_key(task, length, m, b))
+                    if c is None:
+                        continue
+                    kv = f"{c['kv_fraction']:.3f}" if c.get("supported") else "-"
+                    lines.append(f"| {length} | {b:g} | {m} | {kv} | {c.get('window', '-')} | {_acc(c)} |")
+        lines.append("")
+    kl = sorted((c for c in cells.values() if c["task"] == "kld"), key=lambda c: (c["length"], c["budget"], c["method"]))
+    if kl:
+        lines += ["**next-token KLD against the full cache** (95% block bootstrap)", "",
+                  "| length | budget | method | KV / full | window | mean KLD | top-1 | KLD past S+W |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in kl:
+            if not c.get("supported"):
+                lines.append(f"| {c['length']} | {c['budget']:g} | {c['method']} | - | - | cannot run | | |")
+                continue
+            past = c["kld_mean_past_window"]
+            lines.append(f"| {c['length']} | {c['budget']:g} | {c['method']} | {c['kv_fraction']:.3f} | {c['window']} | "
+                         f"{c['kld_mean']:.4f} [{c['kld95'][0]:.4f}, {c['kld95'][1]:.4f}] | "
+                         f"{c['top1']:.1%} [{c['top1_95'][0]:.1%}, {c['top1_95'][1]:.1%}] | "
+                         + (f"{past:.4f} |" if past is not None else "- |"))
+        lines.append("")
+    lines += targets(store)
+    return "\n".join(lines)
+
+
+def targets(store: dict, budget: float = 0.35) -> list[str]:
+    """The issue's targets at KV <= `budget` of full, 4k and 8k: met or missed, by how much."""
+    import numpy as np
+
+    cells = store["cells"]
+    out = [f"**targets at budget {budget:g}**", ""]
+    for length in (4096, 8192):
+        for task in TASKS:
+            f, r, s = (cells.get(cell_key(task, length, m, None if m == "full" else budget))
+                       for m in ("full", "razor", "streaming"))
+            if not (f and r and s and r.get("supported") and s.get("supported")):
+                continue
+            d_full = 100 * (r["accuracy"] - f["accuracy"])
+            d_str = 100 * (r["accuracy"] - s["accuracy"])
+            out.append(f"- {task} {length}: razor {r['accuracy']:.0%} vs full {f['accuracy']:.0%} ({d_full:+.0f} points; "
+                       f"target >= -5: {'met' if d_full >= -5 else 'MISSED'}); streaming {s['accuracy']:.0%} "
+                       f"({d_str:+.0f} points below razor; target >= 30: {'met' if d_str >= 30 else 'MISSED'}); "
+                       f"razor KV {r['kv_fraction']:.3f} of full")
+        r, s = cells.get(cell_key("kld", length, "razor", budget)), cells.get(cell_key("kld", length, "streaming", budget))
+        if length == 8192 and r and s and r.get("supported") and s.get("supported"):
+            lo, hi = bootstrap_ratio(np.array(r["block_kld"]), np.array(s["block_kld"]),
+                                     weights=np.array(r["block_weights"]))
+            ratio = r["kld_mean"] / s["kld_mean"]
+            out.append(f"- kld 8192: razor top-1 {r['top1']:.1%} (target >= 96%: {'met' if r['top1'] >= 0.96 else 'MISSED'}); "
+                       f"KLD {ratio:.2f}x streaming's [95% {lo:.2f}, {hi:.2f}] (target <= 1.2x: "
+                       f"{'met' if ratio <= 1.2 else 'MISSED'})")
+    return out + [""]
+
+
+def plot(store: dict, path: str) -> None:
+    """Frontier: accuracy (Wilson bars) and KLD against allocated KV fraction, per method, at the prompt length
+    with the most budgets (4096 in the plans)."""
+    from razor_gguf import plotting
+
+    plt = plotting.pyplot()
+    ok = [c for c in store["cells"].values() if c.get("supported")]
+    length = max({c["length"] for c in ok}, key=lambda n: (len({c["budget"] for c in ok if c["length"] == n}), n))
+    cells = [c for c in ok if c["length"] == length]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    style = {"razor": ("tab:blue", "o"), "razor_paper": ("tab:purple", "s"), "streaming": ("tab:orange", "^")}
+    for ax, task in zip(axes, (*TASKS, "kld")):
+        full = next((c for c in cells if c["task"] == task and c["method"] == "full"), None)
+        for m, (color, marker) in style.items():
+            cs = sorted((c for c in cells if c["task"] == task and c["method"] == m), key=lambda c: c["kv_fraction"])
+            if not cs:
+                continue
+            x = [c["kv_fraction"] for c in cs]
+            y, ci = ([c["kld_mean"] for c in cs], [c["kld95"] for c in cs]) if task == "kld" else \
+                ([c["accuracy"] for c in cs], [c["wilson95"] for c in cs])
+            # a percentile interval can miss its own mean by rounding: no negative bar lengths
+            err = [[max(0.0, v - lo) for v, (lo, _) in zip(y, ci)], [max(0.0, hi - v) for v, (_, hi) in zip(y, ci)]]
+            ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=m)
+        if full and task != "kld":
+            ax.axhline(full["accuracy"], color="gray", ls="--", lw=1, label=f"full cache ({full['n']} prompts)")
+        n = max((c.get("n", 1) for c in cells if c["task"] == task), default=0)
+        ax.set(xlabel="allocated KV / full cache", xlim=(0, 0.6),
+               ylabel="mean KLD vs full (nats)" if task == "kld" else "accuracy",
+               title=f"{task}, {length} tokens" + ("" if task == "kld" else f", {n} prompts per point, 95% Wilson"))
+        if task != "kld":
+            ax.set_ylim(-0.02, 1.02)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{store['model']}: quality against allocated KV memory")
+    plotting.save(fig, path)
+
+
+def cmd_report(args) -> int:
+    store = json.loads(pathlib.Path(args.results).read_text())
+    print(report(store))
+    if args.plot:
+        plot(store, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the cells a plan still lacks, appending each to --out")
+    r.add_argument("model", metavar="MODEL.gguf")
+    r.add_argument("--out", required=True, help="results JSON (created, or extended)")
+    r.add_argument("--plan", default="targets,frontier,kld", help=f"comma-separated, of {', '.join(PLANS)}")
+    r.add_argument("--ctx", type=int, action="append", help="prompt lengths instead of the plans' (repeatable)")
+    r.add_argument("--budget", type=float, action="append", help="KV budgets instead of the plans' (repeatable)")
+    r.add_argument("--n", type=int, help="prompts per retrieval cell instead of the plans'")
+    r.add_argument("--n-gpu-layers", type=int, default=0)
+    r.add_argument("--max-minutes", type=float, help="start no new cell after this long")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+    r.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="markdown tables and the target checks; --plot draws the frontier")
+    p.add_argument("results")
+    p.add_argument("--plot", metavar="OUT.png")
+    p.set_defaults(func=cmd_report)
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        bad = [p for p in args.plan.split(",") if p not in PLANS]
+        if bad:
+            ap.error(f"unknown plan {bad[0]!r}; plans: {', '.join(PLANS)}")
+        if not os.path.isfile(args.model):
+            ap.error(f"{args.model}: no such file")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
