@@ -122,3 +122,33 @@ def test_make_tiny_model_cli(tmp_path):
     bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "bad.gguf"), "--head-map", "1,0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_make_bench_model_q4_0(tmp_path):
+    """tools/make_bench_model.py: random Q4_0 blocks at a real model's shape (here SmolLM2's, at a 15% head map)
+    that llama.cpp loads and runs with finite logits, razor on."""
+    import subprocess
+    import sys
+
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from razor_gguf import Llama
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_bench_model.py"
+    out = tmp_path / "twin.gguf"
+    r = subprocess.run([sys.executable, str(tool), str(out), "--shape", "smollm2-135m", "--n-ctx-train", "2048"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rd = GGUFReader(str(out))
+    types = {t.name: t.tensor_type for t in rd.tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q4_0 and types["output.weight"] == GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert int(sum(rd.fields["razor.head_map"].contents())) == round(0.15 * 90)
+    llm = Llama(model_path=str(out), n_ctx=1024, n_batch=256, n_ubatch=256, logits_all=True, verbose=False)
+    try:
+        assert llm.razor_stats()["razor"]
+        llm.eval(list(range(300, 900)))
+        logits = np.array(llm.scores[:600])
+    finally:
+        llm.close()
+    assert np.isfinite(logits).all() and logits.std() > 0.1

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-vocab", type=int, default=TinyConfig().n_vocab,
                     help="vocab size, padded with plain filler tokens (at least the 259 byte-level ones)")
     ap.add_argument("--f16", action="store_true", help="f16 matrices (default f32)")
+    ap.add_argument("--q4-0", action="store_true", help="random Q4_0 matrices, written block by block (speed runs)")
     ap.add_argument("--seed", type=int, default=TinyConfig.seed)
     ap.add_argument("--head-map", help="comma-separated 0/1 per (layer, kv head); writes razor.* keys")
     ap.add_argument("--n-sink", type=int, default=4)
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --n-vocab must be at least {TinyConfig().n_vocab}", file=sys.stderr)
         return 2
     cfg = TinyConfig(n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, n_head_kv=a.n_head_kv, head_dim=a.head_dim,
-                     n_ff=a.n_ff, n_ctx_train=a.n_ctx_train, f16=a.f16, seed=a.seed, n_filler=n_filler)
+                     n_ff=a.n_ff, n_ctx_train=a.n_ctx_train, f16=a.f16, seed=a.seed, n_filler=n_filler,
+                     q4_0=a.q4_0)
     razor = None
     if a.head_map is not None:
         try:

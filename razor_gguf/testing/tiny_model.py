@@ -37,6 +37,7 @@ class TinyConfig:
     f16: bool = False  # matrices in f16 (norm weights stay f32, as llama.cpp requires)
     qk_gain: float = 2.0  # >1 sharpens attention so eviction visibly changes the outputs
     n_filler: int = 0  # plain tokens after the byte tokens: a real model's vocab size, for speed runs
+    q4_0: bool = False  # random Q4_0 matrices written block by block (speed runs at 7-8B shapes; no forward)
 
     @property
     def n_vocab(self) -> int:
@@ -64,27 +65,48 @@ def make_weights(cfg: TinyConfig) -> dict[str, npt.NDArray[np.float32]]:
     def norm(n: int) -> npt.NDArray[np.float32]:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    w: dict[str, npt.NDArray[np.float32]] = {
-        "token_embd.weight": rng.standard_normal((cfg.n_vocab, cfg.n_embd)).astype(np.float32),
-    }
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        w[p + "attn_norm.weight"] = norm(cfg.n_embd)
-        w[p + "attn_q.weight"] = lin(qd, cfg.n_embd, cfg.qk_gain)
-        w[p + "attn_k.weight"] = lin(kvd, cfg.n_embd, cfg.qk_gain)
-        w[p + "attn_v.weight"] = lin(kvd, cfg.n_embd)
-        w[p + "attn_output.weight"] = lin(cfg.n_embd, qd)
-        w[p + "ffn_norm.weight"] = norm(cfg.n_embd)
-        w[p + "ffn_gate.weight"] = lin(cfg.n_ff, cfg.n_embd)
-        w[p + "ffn_up.weight"] = lin(cfg.n_ff, cfg.n_embd)
-        w[p + "ffn_down.weight"] = lin(cfg.n_embd, cfg.n_ff)
-    w["output_norm.weight"] = norm(cfg.n_embd)
-    w["output.weight"] = lin(cfg.n_vocab, cfg.n_embd)
+    w: dict[str, npt.NDArray[np.float32]] = {}
+    for name, shape in tensor_shapes(cfg).items():
+        if name == "token_embd.weight":
+            w[name] = rng.standard_normal(shape).astype(np.float32)
+        elif len(shape) == 1:
+            w[name] = norm(*shape)
+        else:
+            w[name] = lin(*shape, cfg.qk_gain if name.endswith(("attn_q.weight", "attn_k.weight")) else 1.0)
     if cfg.f16:
         # Round matrices through f16 here so the numpy forward sees exactly the stored values.
         w = {n: a if a.ndim == 1 else a.astype(np.float16).astype(np.float32) for n, a in w.items()}
     return w
+
+
+def tensor_shapes(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> numpy shape [out, in] (norms: [n]), in make_weights' order."""
+    qd, kvd = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    s: dict[str, tuple[int, ...]] = {"token_embd.weight": (cfg.n_vocab, cfg.n_embd)}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        s.update({p + "attn_norm.weight": (cfg.n_embd,), p + "attn_q.weight": (qd, cfg.n_embd),
+                  p + "attn_k.weight": (kvd, cfg.n_embd), p + "attn_v.weight": (kvd, cfg.n_embd),
+                  p + "attn_output.weight": (cfg.n_embd, qd), p + "ffn_norm.weight": (cfg.n_embd,),
+                  p + "ffn_gate.weight": (cfg.n_ff, cfg.n_embd), p + "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
+                  p + "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
+    s["output_norm.weight"] = (cfg.n_embd,)
+    s["output.weight"] = (cfg.n_vocab, cfg.n_embd)
+    return s
+
+
+def random_q4_0(rng: np.random.Generator, n_out: int, n_in: int) -> npt.NDArray[np.uint8]:
+    """Q4_0 blocks (f16 scale d, 32 nibbles q; value d*(q-8)) of a random [n_out, n_in] matrix with entries of
+    standard deviation ~1/sqrt(n_in), as raw bytes [n_out, n_in/32*18]: a 7-8B model in seconds and without
+    its f32 weights in memory."""
+    if n_in % 32:
+        raise ValueError(f"Q4_0 rows need a multiple of 32 values, got {n_in}")
+    nb = n_out * n_in // 32
+    blocks = np.empty((nb, 18), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, nb) / np.sqrt(21.25 * n_in)).astype(np.float16)  # var(q-8) = 21.25
+    blocks[:, :2] = d.view(np.uint8).reshape(nb, 2)
+    blocks[:, 2:] = rng.integers(0, 256, size=(nb, 16), dtype=np.uint8)
+    return blocks.reshape(n_out, n_in // 32 * 18)
 
 
 def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
@@ -139,7 +161,8 @@ def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.n_vocab)
-    w.add_file_type(LlamaFileType.MOSTLY_F16 if cfg.f16 else LlamaFileType.ALL_F32)
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if cfg.q4_0 else LlamaFileType.MOSTLY_F16 if cfg.f16 else
+                    LlamaFileType.ALL_F32)
 
     w.add_tokenizer_model("llama")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -158,8 +181,18 @@ def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(
     if razor is not None:
         _add_razor_keys(w, cfg, razor)
 
-    for name, arr in make_weights(cfg).items():
-        w.add_tensor(name, arr.astype(np.float16) if cfg.f16 and arr.ndim > 1 else arr)
+    if cfg.q4_0:
+        from gguf import GGMLQuantizationType
+
+        rng = np.random.default_rng(cfg.seed)
+        for name, shape in tensor_shapes(cfg).items():
+            if len(shape) == 1:
+                w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            else:
+                w.add_tensor(name, random_q4_0(rng, *shape), raw_dtype=GGMLQuantizationType.Q4_0)
+    else:
+        for name, arr in make_weights(cfg).items():
+            w.add_tensor(name, arr.astype(np.float16) if cfg.f16 and arr.ndim > 1 else arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
