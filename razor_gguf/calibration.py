@@ -50,12 +50,13 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
     n_kv = k.shape[0]
     g = H // n_kv
     scale = 1.0 / math.sqrt(d)
-    local = torch.as_tensor(np.asarray(head_map).reshape(-1) == 0)  # [n_kv]
+    dev = q.device
+    local = torch.as_tensor(np.asarray(head_map).reshape(-1) == 0, device=dev)  # [n_kv]
     qg = q.reshape(n_kv, g, T, d)
-    csk = torch.cat([torch.zeros(n_kv, 1, d, dtype=k.dtype), k.cumsum(1)], 1)  # csk[:, j] = sum of k[:, :j]
-    csv = torch.cat([torch.zeros(n_kv, 1, v.shape[2], dtype=v.dtype), v.cumsum(1)], 1)
-    pos = torch.arange(T)
-    out = torch.empty(n_kv, g, T, v.shape[2], dtype=q.dtype)
+    csk = torch.cat([torch.zeros(n_kv, 1, d, dtype=k.dtype, device=dev), k.cumsum(1)], 1)  # csk[:, j] = sum of k[:, :j]
+    csv = torch.cat([torch.zeros(n_kv, 1, v.shape[2], dtype=v.dtype, device=dev), v.cumsum(1)], 1)
+    pos = torch.arange(T, device=dev)
+    out = torch.empty(n_kv, g, T, v.shape[2], dtype=q.dtype, device=dev)
     for s0 in range(0, T, chunk):
         e = min(T, s0 + chunk)
         qi, kj = pos[s0:e, None], pos[None, :e]

@@ -69,6 +69,7 @@ def embed_heads(
     force: bool = False,
     dry_run: bool = False,
     calibrate: bool = True,
+    device: str = "auto",
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
 
@@ -77,6 +78,7 @@ def embed_heads(
     paper's (razor_gguf.scoring); bad input raises UserError (or MetadataError for a bad GGUF).
     calibrate: measure whether the compensation row helps this model (razor_gguf.calibration) and
     record that as the model's default (razor.compensation, with razor.calibration.* provenance).
+    device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
     """
     reader = open_gguf(input)
     from .reference import ReferenceError, read_hparams
@@ -103,9 +105,15 @@ def embed_heads(
     if window < 1 or n_sink < 0:
         raise UserError("--window must be >= 1 and --n-sink >= 0")
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise UserError("embed-heads needs torch: pip install 'razor-gguf[scoring]'") from None
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device (a CPU-only torch build, or no GPU)")
 
     from .reference import ReferenceModel
     from .scoring import fit_probe_len, score_model
@@ -115,7 +123,7 @@ def embed_heads(
     except ValueError as e:
         raise UserError(f"{input}: {e}") from None
     model = ReferenceModel.__new__(ReferenceModel)
-    model.path, model.reader, model.hp = input, reader, hp
+    model.path, model.reader, model.hp, model.device = input, reader, hp, device
     from .reference import GGUFWeights
 
     model.w = GGUFWeights(reader)
@@ -153,6 +161,9 @@ def embed_heads(
     summary["provenance"]["seconds"] = scores.provenance["seconds"]
     summary["output"] = None if dry_run else os.path.abspath(output)
     summary["dry_run"] = bool(dry_run)
+    summary["device"] = device
+    if device == "cuda":
+        summary["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     return summary
 
 
@@ -264,7 +275,7 @@ def cmd_embed_heads(args) -> int:
         info = embed_heads(
             args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
             probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
-            force=args.force, dry_run=args.dry_run, calibrate=args.calibration)
+            force=args.force, dry_run=args.dry_run, calibrate=args.calibration, device=args.device)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -316,6 +327,8 @@ def add_subcommands(sub) -> None:
                    help="measure in the reference pass whether the compensation row helps this model (next-token "
                         "KLD with and without it on 4k tokens of calibration text, ~1-2 min for SmolLM2) and record "
                         "the result as its default (default on)")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")
     e.add_argument("--dry-run", action="store_true", help="score and report, write nothing")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -160,7 +160,7 @@ def _rope(x, pos, dim, base, scale, neox, freq_factors=None):
     """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does."""
     import torch
 
-    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
     if freq_factors is not None:
         inv = inv / freq_factors.double()
     ang = (pos.double()[:, None] * scale) * inv[None, :]
@@ -182,15 +182,20 @@ AttentionHook = Callable[[int, int, "object"], None]
 
 
 class ReferenceModel:
-    """The forward pass. Usage: ReferenceModel(path).forward(tokens, hook=...)."""
+    """The forward pass. Usage: ReferenceModel(path, device="cpu").forward(tokens, hook=...).
 
-    def __init__(self, path: str):
+    Weights are dequantized on the CPU one layer at a time and moved to `device` (a torch device: "cpu",
+    "cuda"), where the layer runs; peak memory is one layer's f32 weights plus the activations, on that device.
+    Outputs (logits) come back on the CPU; hooks and attention policies see tensors on the device."""
+
+    def __init__(self, path: str, device: str = "cpu"):
         from gguf import GGUFReader
 
         self.path = str(path)
         self.reader = GGUFReader(self.path, "r")
         self.hp = read_hparams(self.reader)
         self.w = GGUFWeights(self.reader)
+        self.device = device
 
     def _layer(self, il: int) -> dict:
         p = f"blk.{il}."
@@ -204,8 +209,9 @@ class ReferenceModel:
             "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
             "attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight",
         }
-        out = {k: self.w.get(p + v) for k, v in names.items()}
-        out.update({k: self.w.get(p + v) for k, v in optional.items() if self.w.has(p + v)})
+        dev = getattr(self, "device", "cpu")
+        out = {k: self.w.get(p + v).to(dev) for k, v in names.items()}
+        out.update({k: self.w.get(p + v).to(dev) for k, v in optional.items() if self.w.has(p + v)})
         return out
 
     def forward(
@@ -231,11 +237,12 @@ class ReferenceModel:
         T = len(tok)
         # Embedding: dequantize only the rows the prompt uses.
         uniq, inv = np.unique(tok, return_inverse=True)
-        x = self.w.get("token_embd.weight", rows=uniq)[torch.from_numpy(inv)]
+        dev = torch.device(getattr(self, "device", "cpu"))
+        x = self.w.get("token_embd.weight", rows=uniq)[torch.from_numpy(inv)].to(dev)
         if hp.arch == "gemma3":
             x = x * math.sqrt(hp.n_embd)
-        pos = torch.arange(T)
-        ff = self.w.get("rope_freqs.weight") if self.w.has("rope_freqs.weight") else None
+        pos = torch.arange(T, device=dev)
+        ff = self.w.get("rope_freqs.weight").to(dev) if self.w.has("rope_freqs.weight") else None
         g = hp.n_head // hp.n_head_kv
         hd = hp.head_dim
         kq_scale = 1.0 / math.sqrt(hd)
@@ -262,16 +269,16 @@ class ReferenceModel:
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
                 if attention is not None:
-                    out = torch.as_tensor(attention(il, q, k, v), dtype=q.dtype)
+                    out = torch.as_tensor(attention(il, q, k, v), dtype=q.dtype, device=dev)
                 else:
-                    out = torch.empty(hp.n_head_kv, g, T, hd)
+                    out = torch.empty(hp.n_head_kv, g, T, hd, device=dev)
                     for s in range(0, T, chunk):
                         e = min(T, s + chunk)
                         # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
                         k0 = max(0, s - hp.n_swa + 1) if swa else 0
                         sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
-                        qi = torch.arange(s, e)[:, None]
-                        kj = torch.arange(k0, e)[None, :]
+                        qi = torch.arange(s, e, device=dev)[:, None]
+                        kj = torch.arange(k0, e, device=dev)[None, :]
                         mask = kj > qi
                         if swa:
                             mask = mask | (qi - kj >= hp.n_swa)
@@ -300,15 +307,17 @@ class ReferenceModel:
                     progress(il)
             if not want_logits:
                 return None
-            last = _rms_norm(x[logits_from:] if want_logits == "all" else x[-1:], self.w.get("output_norm.weight"), hp.rms_eps)
+            last = _rms_norm(x[logits_from:] if want_logits == "all" else x[-1:], self.w.get("output_norm.weight").to(dev),
+                             hp.rms_eps)
             name = "output.weight" if self.w.has("output.weight") else "token_embd.weight"
             t = self.w._by_name[name]
             n_rows = t.data.shape[0]
             logits = []
             for r in range(0, n_rows, 8192):  # stream the output matrix in row blocks
-                W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192)))
-                logits.append(last @ W.T)
+                W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192))).to(dev)
+                logits.append((last @ W.T).cpu())
             out = torch.cat(logits, dim=-1)
+            last = None
             out = out if want_logits == "all" else out[0]
             if self.w.has("output.bias"):
                 out = out + self.w.get("output.bias")

@@ -70,14 +70,14 @@ class ScoreAccumulator:
         p = torch.as_tensor(probs)
         n_head, rows, n_keys = p.shape
         B = self.B
-        i = torch.arange(row_start, row_start + rows)
+        i = torch.arange(row_start, row_start + rows, device=p.device)
         keep = i >= 1 + B  # repetitions 2..R
         if not bool(keep.any()):
             return
         p = p[:, keep]
         i = i[keep]
-        e = torch.zeros(n_head, dtype=torch.float64)
-        ind = torch.zeros(n_head, dtype=torch.float64)
+        e = torch.zeros(n_head, dtype=torch.float64, device=p.device)
+        ind = torch.zeros(n_head, dtype=torch.float64, device=p.device)
         for k in range(1, self.R):
             j = i - k * B
             ok = j >= 1
@@ -91,8 +91,8 @@ class ScoreAccumulator:
             if bool(ok_i.any()):
                 r = torch.nonzero(ok_i).squeeze(1)
                 ind += p[:, r, j[ok_i] + 1 - key_start].double().sum(-1)
-        self.echo[layer] += e.numpy()
-        self.induction[layer] += ind.numpy()
+        self.echo[layer] += e.cpu().numpy()
+        self.induction[layer] += ind.cpu().numpy()
 
     def scores(self) -> tuple[np.ndarray, np.ndarray]:
         """(echo, induction) per (layer, query head): means over the rows of repetitions 2..R."""

@@ -161,6 +161,16 @@ def test_library_entry_point_takes_plain_parameters(smollm2_path, tmp_path):
         embed_heads(smollm2_path, dry_run=True, echo_ratio=1.5)
     with pytest.raises(UserError, match="needs -o"):
         embed_heads(smollm2_path)
+    import torch
+
+    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: PyTorch sees no CUDA device"):
+            embed_heads(smollm2_path, dry_run=True, probe_len=8, calibrate=False, device="cuda")
+    else:  # the same scores on the GPU as on the CPU, up to float rounding
+        cpu = embed_heads(smollm2_path, dry_run=True, probe_len=8, calibrate=False, device="cpu")
+        np.testing.assert_allclose(info["induction_scores"], cpu["induction_scores"], atol=1e-4)
+        np.testing.assert_allclose(info["echo_scores"], cpu["echo_scores"], atol=1e-4)
 
 
 def test_force_rewrite_in_place_replaces_keys(scored, tmp_path):
