@@ -72,23 +72,27 @@ class NeedlePrompt:
     n_tokens: int
 
 
+def _sentences(tokenize: Callable[[str], Sequence[int]], haystack: str, budget: int, n_tokens: int) -> list[str]:
+    """Whole haystack sentences, in order, as many as fit `budget` tokens (a long context repeats the text)."""
+    taken, n = [], 0
+    for s in itertools.islice(itertools.cycle(re.findall(r"[^.!?\n]+[.!?]+\s*", haystack)), 20 * n_tokens):
+        k = len(tokenize(s))
+        if n + k > budget:
+            break
+        taken.append(s)
+        n += k
+    return taken
+
+
 def make_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int, depth: float,
                 city: str, number: str) -> NeedlePrompt:
     """At most n_tokens tokens: the intro, whole haystack sentences with the needle after the sentence
     closest to `depth` of them, and the question."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError("depth must be in [0, 1]")
-    sentences = re.findall(r"[^.!?\n]+[.!?]+\s*", haystack)
     needle = NEEDLE.format(city=city, number=number)
     question = QUESTION.format(city=city)
-    budget = n_tokens - len(tokenize(INTRO + needle + question))
-    taken, n = [], 0
-    for s in itertools.islice(itertools.cycle(sentences), 20 * n_tokens):  # a long context repeats the text
-        k = len(tokenize(s))
-        if n + k > budget:
-            break
-        taken.append(s)
-        n += k
+    taken = _sentences(tokenize, haystack, n_tokens - len(tokenize(INTRO + needle + question)), n_tokens)
     while True:
         at = round(len(taken) * depth)
         text = INTRO + "".join(taken[:at]) + needle + "".join(taken[at:]) + question
@@ -137,15 +141,7 @@ def make_multi_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n
     texts = [NEEDLE.format(city=c, number=x) for c, x, _ in order]
     city, number, depth = needles[ask]
     question = QUESTION.format(city=city)
-    sentences = re.findall(r"[^.!?\n]+[.!?]+\s*", haystack)
-    budget = n_tokens - len(tokenize(INTRO + "".join(texts) + question))
-    taken, n = [], 0
-    for s in itertools.islice(itertools.cycle(sentences), 20 * n_tokens):
-        k = len(tokenize(s))
-        if n + k > budget:
-            break
-        taken.append(s)
-        n += k
+    taken = _sentences(tokenize, haystack, n_tokens - len(tokenize(INTRO + "".join(texts) + question)), n_tokens)
     while True:
         parts, prev = [INTRO], 0
         for (_, _, d), t in zip(order, texts):

@@ -74,6 +74,17 @@ def test_matches_oracle_f32(mixed, flash_attn, n_ubatch):
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("n_ubatch", [7, 256])
+def test_matches_oracle_without_compensation(mixed, flash_attn, n_ubatch):
+    """The cache without the compensation row (no fold in the graph, no scratch rows): sinks + window only."""
+    toks = _tokens(mixed[1], 300)
+    kw = dict(flash_attn=flash_attn, n_ctx=512, n_batch=256, n_ubatch=n_ubatch)
+    got = llama_logits(mixed[0], toks, kv_overrides=test_razor_cache.NO_COMP, **GPU, **kw)
+    _check(f"no compensation row, FA {flash_attn}, ubatch {n_ubatch}", got, _oracle(mixed, toks, compensation=False),
+           mixed, toks, **kw)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
 def test_matches_oracle_f16(mixed64, flash_attn):
     toks = _tokens(mixed64[1], 120, seed=2)
     kw = dict(flash_attn=flash_attn, f32_kv=False)
