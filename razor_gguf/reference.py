@@ -6,8 +6,10 @@ so no full [T, T] matrix is ever materialized. A hook receives the post-softmax 
 chunk, which is all head scoring needs.
 
 Supported architectures: llama and mistral (Q/K stored permuted for llama.cpp's NORM rope, i.e. rotation
-of adjacent pairs), qwen2 (q/k/v biases, NEOX rope), qwen3 (per-head q/k RMSNorm, NEOX rope) and gemma3
-(scaled embeddings, q/k norms, post-norms, GELU, interleaved sliding-window layers).
+of adjacent pairs; Llama 3.x's rope_freqs factors), qwen2 (q/k/v biases, NEOX rope), qwen3 (per-head q/k
+RMSNorm, NEOX rope), phi3 (fused QKV and gate/up projections, NEOX rope, LongRoPE's short/long factors) and
+gemma3 (scaled embeddings, q/k norms, post-norms, GELU, interleaved sliding-window layers). Rope scaling:
+none, linear and YaRN (as ggml's rope_yarn computes it).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
-_NEOX_ARCHS = ("qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+_NEOX_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3")
 
 
 class ReferenceError(Exception):
@@ -56,6 +58,13 @@ class HParams:
     n_swa: int = 0
     swa_layers: list[bool] = field(default_factory=list)
     bos_token_id: int | None = None
+    # YaRN (rope.scaling.type = yarn): the ramp between interpolated and extrapolated angles over rotation
+    # pairs [yarn_low, yarn_high], and the magnitude scale of cos/sin; yarn_ext = 0 means no YaRN
+    yarn_ext: float = 0.0
+    yarn_low: float = 0.0
+    yarn_high: float = 0.0
+    yarn_mscale: float = 1.0  # cos/sin scale: YaRN's, or rope.scaling.attn_factor (LongRoPE)
+    n_ctx_orig: int = 0  # rope.scaling.original_context_length: LongRoPE's long factors apply beyond it
     logit_softcap: float = 0.0
 
     @property
@@ -80,7 +89,7 @@ def read_hparams(reader) -> HParams:
         n_vocab = int(_tensor(reader, "token_embd.weight").shape[1])
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-    if scaling not in ("none", "linear") and factor != 1.0:
+    if scaling not in ("none", "linear", "yarn") and factor != 1.0:
         raise ReferenceError(f"rope scaling {scaling!r} is not supported by the reference pass")
     hp = HParams(
         arch=arch,
@@ -94,9 +103,14 @@ def read_hparams(reader) -> HParams:
         n_vocab=n_vocab,
         rms_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_scale=1.0 / factor if scaling == "linear" else 1.0,
+        rope_scale=1.0 / factor if scaling in ("linear", "yarn") else 1.0,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
     )
+    hp.n_ctx_orig = int(_field(reader, f"{arch}.rope.scaling.original_context_length", hp.n_ctx_train))
+    attn_factor = float(_field(reader, f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0)
+    hp.yarn_mscale = attn_factor
+    if scaling == "yarn" and factor > 1.0:
+        _set_yarn(hp, factor, hp.n_ctx_orig, attn_factor)
     hp.swa_layers = [False] * n_layer
     hp.logit_softcap = float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0)
     if arch == "gemma3":
@@ -113,6 +127,22 @@ def read_hparams(reader) -> HParams:
                 hp.swa_layers = [n == 0 or (il % n < n - 1) for il in range(n_layer)]
             hp.rope_base_swa = float(_field(reader, f"{arch}.rope.freq_base_swa", 10000.0))
     return hp
+
+
+def _set_yarn(hp: HParams, factor: float, n_ctx_orig: int, attn_factor: float,
+              beta_fast: float = 32.0, beta_slow: float = 1.0) -> None:
+    """llama.cpp's YaRN for these architectures (llama_context's cparams, ggml_rope_yarn_corr_dims, rope_yarn):
+    ext_factor 1, the correction range from beta_fast/beta_slow, and cos/sin scaled by attn_factor *
+    (1 + 0.1 ln factor) (llama.cpp cancels its own get_mscale against rope_yarn's, leaving this)."""
+    f32 = np.float32
+
+    def corr_dim(n_rot):
+        return f32(hp.rope_dim) * np.log(f32(n_ctx_orig) / (f32(n_rot) * 2 * f32(math.pi))) / (2 * np.log(f32(hp.rope_base)))
+
+    hp.yarn_ext = 1.0
+    hp.yarn_low = float(max(0.0, np.floor(corr_dim(beta_fast))))
+    hp.yarn_high = float(min(hp.rope_dim - 1, np.ceil(corr_dim(beta_slow))))
+    hp.yarn_mscale = attn_factor * (1.0 + 0.1 * math.log(factor))
 
 
 def _tensor(reader, name):
@@ -156,15 +186,23 @@ def _rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rope(x, pos, dim, base, scale, neox, freq_factors=None):
-    """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does."""
+def _rope(x, pos, dim, base, scale, neox, freq_factors=None, yarn=None):
+    """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does. yarn: (ext_factor, low, high,
+    mscale) of ggml's rope_yarn, or None."""
     import torch
 
     inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
     if freq_factors is not None:
         inv = inv / freq_factors.double()
     ang = (pos.double()[:, None] * scale) * inv[None, :]
-    cos, sin = ang.cos().float(), ang.sin().float()
+    mscale = yarn[3] if yarn is not None else 1.0
+    if yarn is not None and yarn[0]:
+        ext, low, high, mscale = yarn
+        extrap = pos.double()[:, None] * inv[None, :]
+        i = torch.arange(dim // 2, dtype=torch.float64, device=x.device)
+        ramp = (1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)) * ext
+        ang = ang * (1 - ramp) + extrap * ramp
+    cos, sin = (ang.cos() * mscale).float(), (ang.sin() * mscale).float()
     xr, xp = x[..., :dim], x[..., dim:]
     if neox:
         x1, x2 = xr[..., : dim // 2], xr[..., dim // 2 :]
@@ -197,6 +235,15 @@ class ReferenceModel:
         self.w = GGUFWeights(self.reader)
         self.device = device
 
+    def _rope_factors(self, n_ctx: int):
+        """llama_model::get_rope_factors: rope_freqs (Llama 3), else LongRoPE's long factors for a context
+        beyond the original one and its short factors otherwise (phi3); None without factors. The reference
+        pass runs a context of exactly its tokens."""
+        if self.w.has("rope_freqs.weight"):
+            return self.w.get("rope_freqs.weight")
+        name = "rope_factors_long.weight" if n_ctx > self.hp.n_ctx_orig else "rope_factors_short.weight"
+        return self.w.get(name) if self.w.has(name) else None
+
     def _layer(self, il: int) -> dict:
         p = f"blk.{il}."
         names = {
@@ -210,7 +257,20 @@ class ReferenceModel:
             "attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight",
         }
         dev = getattr(self, "device", "cpu")
+        hp = self.hp
+        if self.w.has(p + "attn_qkv.weight"):  # phi3: one fused projection, rows [q, k, v]
+            qkv = self.w.get(p + "attn_qkv.weight")
+            nq, nkv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+            fused = {"wq": qkv[:nq], "wk": qkv[nq:nq + nkv], "wv": qkv[nq + nkv:]}
+            names = {k: v for k, v in names.items() if k not in fused}
+        else:
+            fused = {}
+        if not self.w.has(p + "ffn_gate.weight"):  # phi3: ffn_up holds [gate; up] (llama.cpp's fused SWIGLU)
+            up = self.w.get(p + "ffn_up.weight")
+            fused.update(gate=up[: up.shape[0] // 2], up=up[up.shape[0] // 2:])
+            names = {k: v for k, v in names.items() if k not in ("gate", "up")}
         out = {k: self.w.get(p + v).to(dev) for k, v in names.items()}
+        out.update({k: v.to(dev) for k, v in fused.items()})
         out.update({k: self.w.get(p + v).to(dev) for k, v in optional.items() if self.w.has(p + v)})
         return out
 
@@ -242,7 +302,8 @@ class ReferenceModel:
         if hp.arch == "gemma3":
             x = x * math.sqrt(hp.n_embd)
         pos = torch.arange(T, device=dev)
-        ff = self.w.get("rope_freqs.weight").to(dev) if self.w.has("rope_freqs.weight") else None
+        ff = self._rope_factors(T)
+        ff = ff.to(dev) if ff is not None else None
         g = hp.n_head // hp.n_head_kv
         hd = hp.head_dim
         kq_scale = 1.0 / math.sqrt(hd)
@@ -264,8 +325,9 @@ class ReferenceModel:
                 swa = hp.swa_layers[il] if hp.swa_layers else False
                 base = hp.rope_base_swa if swa else hp.rope_base
                 scale = 1.0 if swa else hp.rope_scale
-                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff)
-                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff)
+                yarn = None if swa else (hp.yarn_ext, hp.yarn_low, hp.yarn_high, hp.yarn_mscale)
+                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn)
+                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn)
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
                 if attention is not None:

@@ -166,8 +166,11 @@ def test_gemma3_logits_match_llamacpp_with_sliding_window():
     assert diff < 1.5 and kl < 0.03
 
 
-def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, tied=False):
-    """A tiny random-weight F32 GGUF of `arch`, loadable by llama.cpp (byte-fallback vocab)."""
+def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=96, tied=False, kv=None,
+                rope_freqs=None, long_rope=None):
+    """A tiny random-weight F32 GGUF of `arch`, loadable by llama.cpp (byte-fallback vocab). kv: extra
+    metadata (key without the arch prefix -> value); rope_freqs: Llama 3's per-pair frequency factors;
+    long_rope: (short, long) factors of phi3's LongRoPE."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -199,13 +202,21 @@ def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
     w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    for k, v in (kv or {}).items():
+        (w.add_string if isinstance(v, str) else w.add_uint32 if isinstance(v, int) else w.add_float32)(f"{arch}.{k}", v)
     t = {"token_embd.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32)}
+    if rope_freqs is not None:
+        t["rope_freqs.weight"] = np.asarray(rope_freqs, np.float32)
+    if long_rope is not None:
+        t["rope_factors_short.weight"], t["rope_factors_long.weight"] = (np.asarray(f, np.float32) for f in long_rope)
     for i in range(n_layer):
         p = f"blk.{i}."
         t[p + "attn_norm.weight"] = vec(n_embd)
-        t[p + "attn_q.weight"] = lin(n_head * hd, n_embd, 2.0)
-        t[p + "attn_k.weight"] = lin(n_head_kv * hd, n_embd, 2.0)
-        t[p + "attn_v.weight"] = lin(n_head_kv * hd, n_embd)
+        q, k, v = lin(n_head * hd, n_embd, 2.0), lin(n_head_kv * hd, n_embd, 2.0), lin(n_head_kv * hd, n_embd)
+        if arch == "phi3":  # fused QKV
+            t[p + "attn_qkv.weight"] = np.concatenate([q, k, v])
+        else:
+            t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"] = q, k, v
         if arch == "qwen2":
             t[p + "attn_q.bias"] = vec(n_head * hd, 0.0, 0.5)
             t[p + "attn_k.bias"] = vec(n_head_kv * hd, 0.0, 0.5)
@@ -215,8 +226,11 @@ def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
             t[p + "attn_k_norm.weight"] = vec(hd, 1.0, 0.3)
         t[p + "attn_output.weight"] = lin(n_embd, n_head * hd)
         t[p + "ffn_norm.weight"] = vec(n_embd)
-        t[p + "ffn_gate.weight"] = lin(n_ff, n_embd)
-        t[p + "ffn_up.weight"] = lin(n_ff, n_embd)
+        if arch == "phi3":  # fused [gate; up]
+            t[p + "ffn_up.weight"] = np.concatenate([lin(n_ff, n_embd), lin(n_ff, n_embd)])
+        else:
+            t[p + "ffn_gate.weight"] = lin(n_ff, n_embd)
+            t[p + "ffn_up.weight"] = lin(n_ff, n_embd)
         t[p + "ffn_down.weight"] = lin(n_embd, n_ff)
     t["output_norm.weight"] = vec(n_embd)
     if not tied:
@@ -230,16 +244,35 @@ def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
     return str(path)
 
 
-@pytest.mark.parametrize("arch,tied", [("qwen2", False), ("qwen3", True), ("llama", True)])
-def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied):
+# Llama 3.x: rope_freqs factors per rotation pair (head size 16: 8 pairs), low frequencies stretched
+LLAMA3_FREQS = [1.0, 1.0, 1.0, 1.5, 2.5, 4.0, 8.0, 8.0]
+YARN = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 256}
+# Phi-3 128k: LongRoPE, long factors beyond the original context, cos/sin scaled by attn_factor
+LONGROPE = {"rope.scaling.attn_factor": 1.19, "rope.scaling.original_context_length": 256}
+PHI3_FACTORS = ([1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0], [1.0, 1.2, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0])
+
+
+@pytest.mark.parametrize("arch,tied,kv,freqs", [
+    ("qwen2", False, None, None), ("qwen3", True, None, None), ("llama", True, None, None),
+    ("llama", False, None, LLAMA3_FREQS),  # Llama 3.x rope_freqs
+    ("qwen2", False, YARN, None),  # Qwen2.5 long context: YaRN
+    ("llama", False, YARN, None),
+    ("phi3", False, None, None),  # fused QKV and gate/up
+    ("phi3", False, LONGROPE, PHI3_FACTORS),  # Phi-3 128k, past the original context: long factors
+], ids=["qwen2", "qwen3", "llama", "llama3-rope-freqs", "qwen2-yarn", "llama-yarn", "phi3", "phi3-longrope"])
+def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied, kv, freqs):
     """F32 weights: no quantization noise, so the reference must agree with llama.cpp to float precision
-    (qwen2: q/k/v biases and NEOX rope; qwen3: per-head q/k RMSNorm; tied output; GQA 4/2)."""
+    (qwen2: q/k/v biases and NEOX rope; qwen3: per-head q/k RMSNorm; tied output; GQA 4/2; Llama 3's
+    rope_freqs factors; YaRN rope scaling; phi3's fused projections and LongRoPE). 300 tokens with rope
+    scaling: positions past the original context."""
     from razor_gguf import Llama
 
-    path = _write_tiny(tmp_path / f"{arch}.gguf", arch, tied=tied)
-    toks = [1] + list(np.random.default_rng(5).integers(3, 259, size=40))
+    long_rope = freqs if arch == "phi3" else None
+    path = _write_tiny(tmp_path / f"{arch}.gguf", arch, tied=tied, kv=kv, rope_freqs=None if long_rope else freqs,
+                       long_rope=long_rope)
+    toks = [1] + list(np.random.default_rng(5).integers(3, 259, size=300 if kv else 40))
     # F32 KV cache (type 0), so the only differences left are float32 summation order
-    llm = Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval([int(x) for x in toks])
     cpp = np.array(llm.scores[len(toks) - 1], dtype=np.float64)
     del llm
@@ -247,3 +280,10 @@ def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied):
     diff = np.abs(ref - cpp).max()
     print(f"\ntiny {arch}: max abs diff {diff:.2e} (logit range {np.ptp(cpp):.1f})")
     assert diff < 1e-4 * max(1.0, np.abs(cpp).max())  # measured 2e-6 to 2e-5
+    if kv or freqs:  # negative control: the same model without its rope scaling or factors is far off
+        m = ReferenceModel(path)
+        m.hp.rope_scale, m.hp.yarn_ext, m.hp.yarn_mscale = 1.0, 0.0, 1.0
+        for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            m.w._by_name.pop(name, None)
+        plain = m.forward(toks, want_logits=True, chunk=16).double().numpy()
+        assert np.abs(plain - cpp).max() > 100 * diff
