@@ -162,6 +162,9 @@ def embed_heads(
     summary["output"] = None if dry_run else os.path.abspath(output)
     summary["dry_run"] = bool(dry_run)
     summary["device"] = device
+    import resource
+
+    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if device == "cuda":
         summary["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     return summary
