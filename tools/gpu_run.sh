@@ -34,7 +34,7 @@ for step in "$@"; do
     evidence)
       [ -n "${EVIDENCE_JSON:-}" ] && [ -f "$EVIDENCE_JSON" ] && cp "$EVIDENCE_JSON" "$out/evidence.json"
       min=${EVIDENCE_MIN:-4}
-      timeout $(( ${min%.*} * 60 + 90 )) "$py" tools/evidence.py run "$model" --out "$out/evidence.json" \
+      timeout $(( ${min%.*} * 60 + 60 )) "$py" tools/evidence.py run "$model" --out "$out/evidence.json" \
         --plan "${EVIDENCE_PLAN:-targets,kld,frontier,kld-frontier}" --n-gpu-layers 999 --max-minutes "$min" \
         --no-progress 2> "$out/evidence.log"
       say "evidence rc=$? ($(grep -c ': .* s$' "$out/evidence.log") cells)" ;;
