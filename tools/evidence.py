@@ -428,10 +428,12 @@ def plot(store: dict, path: str) -> None:
             ax.errorbar(x, y, yerr=err, color=color, marker=marker, capsize=3, label=m)
         if full and task != "kld":
             ax.axhline(full["accuracy"], color="gray", ls="--", lw=1, label=f"full cache ({full['n']} prompts)")
-        n = max((c.get("n", 1) for c in cells if c["task"] == task), default=0)
+        ns = sorted({c.get("n", 1) for c in cells if c["task"] == task and c["method"] != "full"}) or [0]
+        n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
         ax.set(xlabel="allocated KV / full cache", xlim=(0, 0.6),
                ylabel="mean KLD vs full (nats)" if task == "kld" else "accuracy",
-               title=f"{task}, {length} tokens" + ("" if task == "kld" else f", {n} prompts per point, 95% Wilson"))
+               title=f"{task}, {length} tokens" + (", 95% bootstrap" if task == "kld" else
+                                                   f", {n} prompts per point, 95% Wilson"))
         if task != "kld":
             ax.set_ylim(-0.02, 1.02)
         if ax.get_legend_handles_labels()[0]:

@@ -28,7 +28,7 @@ GIB = 1 << 30
 
 def gpu_free() -> int:
     """Free bytes of the first GPU device ggml knows."""
-    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml-base.so"))
+    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml.so"))  # the backend registry
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate the README's quality and speed results (docs/results/): razor-gguf bench and eval on the
-# two test models. Run after `make setup`; takes about an hour on a 2-core CPU. Each command is the exact
-# one quoted in the README.
+# Regenerate the README's quality and speed results (docs/results/): razor-gguf bench, tools/evidence.py and
+# eval on the two test models. Run after `make setup`. Each command is the exact one quoted in the README;
+# EVIDENCE_ARGS (e.g. "--n-gpu-layers 999" with a CUDA build) goes to the evidence run. The GPU results come
+# from tools/gpu_run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RG=.venv/bin/razor-gguf
@@ -27,13 +28,11 @@ if [[ $what == all || $what == bench ]]; then
   run bench-gemma3 bench "$GEMMA_R" --ctx 2048 --ctx 8192 --threads 2 --plot "$OUT/bench-gemma3.png"
 fi
 if [[ $what == all || $what == eval ]]; then
-  run kld-smollm2 eval "$SMOL_R" --task kld --ctx 4096 --threads 2 --no-progress --plot "$OUT/kld-smollm2.png"
-  run kld-smollm2-no-compensation eval "$SMOL_R" --task kld --ctx 4096 --ratios 0.15 --modes full,razor \
-    --no-compensation --threads 1 --no-progress
-  run passkey-smollm2 eval "$SMOL_R" --task passkey --ctx 1024 --ctx 2048 --ctx 4096 --ctx 8000 --depths 0,0.5,1 \
-    --threads 2 --no-progress --plot "$OUT/passkey-smollm2.png"
-  run niah-smollm2 eval "$SMOL_R" --task niah --ctx 1024 --ctx 2048 --ctx 4096 --depths 0,0.5,1 \
-    --threads 2 --no-progress --plot "$OUT/niah-smollm2.png"
+  # the quality evidence: resumable cells, so a run stopped at any point goes on where it stopped (about 4
+  # minutes on an H200 with --n-gpu-layers 999; hours on a 2-core CPU); then its tables and frontier plot
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2.json" --plan targets,frontier,kld,kld-frontier \
+    ${EVIDENCE_ARGS:-}
+  .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2.json" --plot "$OUT/evidence-smollm2.png"
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
