@@ -129,6 +129,17 @@ def test_matches_oracle_quantized(mixed64, qtype):
     assert err_razor < 1.5 * err_stock + F16_TOL
 
 
+@pytest.mark.parametrize("compensation", [True, False])
+def test_layer_with_only_retrieval_heads(tmp_path_factory, compensation):
+    """A layer whose KV heads are all retrieval heads runs the stock path over the retrieval cache (as a
+    higher retrieval_ratio makes happen): the whole model still matches the oracle."""
+    hm = np.array([[1, 1], [0, 0], [0, 1], [1, 0]], np.int32)
+    model = _model(tmp_path_factory, "all_retrieval_layer", hm)
+    toks = _tokens(model[1], 100)
+    got = llama_logits(model[0], toks, kv_overrides=None if compensation else NO_COMP)
+    assert np.abs(got - _oracle(model, toks, head_map=hm, compensation=compensation)).max() < F32_TOL
+
+
 def test_all_heads_local(local_only):
     """No retrieval head at all (StreamingLLM plus compensation): only the local ring exists."""
     toks = _tokens(local_only[1], 90)

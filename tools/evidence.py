@@ -14,7 +14,8 @@ Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the lar
   full         the stock cache;
   razor        the model's measured defaults (its head map, its razor.compensation);
   razor_paper  the paper's defaults: the same head map with the compensation row;
-  streaming    StreamingLLM: every head local (sinks + window), no compensation row.
+  streaming    StreamingLLM: every head local (sinks + window), no compensation row;
+  razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`).
 Retrieval cells report accuracy with 95% Wilson intervals; KLD cells report mean KLD and top-1 agreement
 against the full cache with 95% block-bootstrap intervals (blocks of 256 positions) over held-out prose
 (Python's standard-library docstrings, never the calibration text of embed-heads).
@@ -54,6 +55,8 @@ PLANS = {
                 n=1),
     "kld-frontier": dict(tasks=("kld",), lengths=(4096,), budgets=(0.15, 0.25, 0.35, 0.5),
                          methods=("razor", "razor_paper", "streaming"), n=1),
+    # more retrieval heads at the same memory (re-selected from the stored scores): what ratio to recommend
+    "ratios": dict(tasks=TASKS, lengths=(4096,), budgets=(0.35, 0.5), methods=("razor_r0.25", "razor_r0.35"), n=10),
 }
 N_NEEDLES = 4
 MAX_NEW_TOKENS = 10
@@ -149,11 +152,18 @@ def ctx_for(length: int) -> int:
     return -(-(length + MAX_NEW_TOKENS + 2) // 256) * 256
 
 
+def method_options(method: str) -> dict:
+    """razor_gguf.Llama options of a method: METHODS, or razor_rX = razor with retrieval ratio X."""
+    if method.startswith("razor_r"):
+        return {"razor": True, "retrieval_ratio": float(method[len("razor_r"):])}
+    return dict(METHODS[method])
+
+
 def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, n_ubatch: int = N_UBATCH, **extra):
     """(razor_gguf.Llama, razor_stats) or (None, why the method cannot run there)."""
     from razor_gguf.llama import Llama, RazorUnavailableError
 
-    kw = dict(METHODS[method])
+    kw = method_options(method)
     if method != "full":
         kw["kv_budget"] = budget
     try:
@@ -348,7 +358,9 @@ def report(store: dict) -> str:
             if full:
                 lines.append(f"| {length} | - | full | 1.000 | - | {_acc(full)} |")
             for b in budgets:
-                for m in ("razor", "razor_paper", "streaming"):
+                ms = ["razor", "razor_paper", "streaming"] + sorted(
+                    {c["method"] for c in cells.values() if c["method"].startswith("razor_r")})
+                for m in ms:
                     c = cells.get(cell_key(task, length, m, b))
                     if c is None:
                         continue
@@ -414,6 +426,8 @@ def plot(store: dict, path: str) -> None:
     cells = [c for c in ok if c["length"] == length]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     style = {"razor": ("tab:blue", "o"), "razor_paper": ("tab:purple", "s"), "streaming": ("tab:orange", "^")}
+    extra = sorted({c["method"] for c in cells if c["method"].startswith("razor_r")})
+    style.update({m: (color, "D") for m, color in zip(extra, ("tab:green", "tab:cyan", "tab:olive", "tab:brown"))})
     for ax, task in zip(axes, (*TASKS, "kld")):
         full = next((c for c in cells if c["task"] == task and c["method"] == "full"), None)
         for m, (color, marker) in style.items():
