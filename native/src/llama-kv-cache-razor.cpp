@@ -758,7 +758,9 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
 void llama_kv_cache_razor::reset_folded(llama_seq_id seq_id, const char * caller, const char * what) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
-            if (cfg.compensation) LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
+            if (cfg.compensation) {
+                LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
+            }
             reset_seq(s);
         }
     }
@@ -950,7 +952,7 @@ bool llama_kv_cache_razor::plan_ubatch(const llama_ubatch & ub, fold_plan & P) {
         P.pick[t] = js*(NR + 1) + n_c;
         if (l > 0) {
             P.scale[t] = 1.0f/l;
-            P.log_l[t] = cfg.compensation ? logf((float) l) : -INFINITY;
+            P.log_l[t] = logf((float) l);
         }
 
         if (n_scratch > 0) {
@@ -1295,6 +1297,52 @@ static ggml_tensor * razor_merge_heads(ggml_context * ctx, ggml_tensor * inv_per
     return ggml_reshape_2d(ctx, out, d_group*(n_r + n_l), T);
 }
 
+// the compensation row of the local heads of layer il: adds the tokens that leave the window to the running
+// sums and writes each query's row (sums / l) into its scratch row of the ring. k_st, v_st: the ring's stores of
+// this ubatch, replaced by the scratch writes (the attention's K and V)
+static void razor_build_fold(const llm_graph_context & g, const llm_graph_input_attn_kv_razor * inp,
+        const llama_kv_cache_razor * kv, int il, int64_t T, ggml_tensor *& k_st, ggml_tensor *& v_st) {
+    ggml_context * ctx0 = g.ctx0;
+    ggml_cgraph  * gf   = g.gf;
+
+    ggml_tensor * k2 = ggml_reshape_2d(ctx0, k_st, k_st->ne[0], ggml_nelements(k_st)/k_st->ne[0]);
+    ggml_tensor * v2 = ggml_reshape_2d(ctx0, v_st, v_st->ne[0], ggml_nelements(v_st)/v_st->ne[0]);
+
+    const int64_t nek = k2->ne[0];
+    const int64_t nev = v2->ne[0];
+
+    const int64_t NS  = inp->state_get->ne[0];
+    const int64_t NR  = inp->fold_rows->ne[0]/NS; // rows per sequence
+
+    ggml_tensor * comp = kv->get_comp(il);                                    // F32 [E = nek + nev, n_seq_max]
+    ggml_tensor * ek = ggml_get_rows(ctx0, k2,   inp->fold_rows);              // F32 [nek, NR*NS] (dequantized)
+    ggml_tensor * ev = ggml_get_rows(ctx0, v2,   inp->fold_rows);              // F32 [nev, NR*NS]
+    ggml_tensor * s0 = ggml_get_rows(ctx0, comp, inp->state_get);              // F32 [E, NS]
+    ggml_tensor * x  = ggml_concat(ctx0,
+            ggml_reshape_3d(ctx0, s0, nek + nev, 1, NS),
+            ggml_reshape_3d(ctx0, ggml_concat(ctx0, ek, ev, 0), nek + nev, NR, NS), 1); // [E, 1 + NR, NS]
+
+    // running sums per sequence, added one row at a time in position order (cumsum is sequential): the
+    // same float operations whatever the ubatch split, so prefill and token-by-token decode agree bitwise
+    ggml_tensor * c = ggml_cumsum(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, x, 1, 0, 2, 3)));   // [1 + NR, E, NS]
+    c = ggml_reshape_2d(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, c, 1, 0, 2, 3)), nek + nev, (NR + 1)*NS);
+
+    // each query's sum / l, then each sequence's new sums
+    ggml_tensor * r = ggml_mul(ctx0, ggml_get_rows(ctx0, c, inp->fold_pick), inp->fold_scale); // [E, T + NS]
+    g.cb(r, "razor_fold", il);
+
+    ggml_tensor * ck = ggml_view_2d(ctx0, r, nek, T, r->nb[1], 0);
+    ggml_tensor * cv = ggml_view_2d(ctx0, r, nev, T, r->nb[1], nek*ggml_element_size(r));
+    k_st = ggml_set_rows(ctx0, k2, ck, inp->scratch_idx);
+    v_st = ggml_set_rows(ctx0, v2, cv, inp->scratch_idx);
+    ggml_build_forward_expand(gf, k_st);
+    ggml_build_forward_expand(gf, v_st);
+
+    // the state is read (s0) before it is written: the write consumes r
+    ggml_tensor * sums = ggml_view_2d(ctx0, r, nek + nev, NS, r->nb[1], T*r->nb[1]);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, comp, sums, inp->state_set));
+}
+
 ggml_tensor * llama_razor_build_attn(
         const llm_graph_context & g,
         llm_graph_input_attn_kv * inp_base,
@@ -1359,58 +1407,20 @@ ggml_tensor * llama_razor_build_attn(
         out_r = g.build_attn_mha(q_r, k, v, nullptr, inp->self_kq_mask_cnv, nullptr, nullptr, 0, kq_scale, il);
     }
 
-    // 3. local heads: store the new tokens in the ring, fold the tokens that leave the window
+    // 3. local heads: store the new tokens in the ring, and with the compensation row fold the tokens that
+    // leave the window; without it the evicted rows are only masked
     const auto * cl = inp->mctx_razor->get_loc();
 
     ggml_tensor * k_st = cl->cpy_k(ctx0, k_l, inp->loc_k_idxs, il);
     ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, inp->loc_v_idxs, il);
-    if (!kv->get_config().compensation) {
-        // sinks + window only: the evicted rows are masked, nothing is folded
-        ggml_build_forward_expand(gf, k_st);
-        ggml_build_forward_expand(gf, v_st);
-        ggml_tensor * out_l = g.build_attn_mha(q_l, razor_view_like(ctx0, k_st, cl->get_k(ctx0, il)),
-                razor_view_like(ctx0, v_st, cl->get_v(ctx0, il)), nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
-        return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
+    if (kv->get_config().compensation) {
+        razor_build_fold(g, inp, kv, il, T, k_st, v_st);
     }
-    ggml_tensor * k2 = ggml_reshape_2d(ctx0, k_st, k_st->ne[0], ggml_nelements(k_st)/k_st->ne[0]);
-    ggml_tensor * v2 = ggml_reshape_2d(ctx0, v_st, v_st->ne[0], ggml_nelements(v_st)/v_st->ne[0]);
+    ggml_build_forward_expand(gf, k_st);
+    ggml_build_forward_expand(gf, v_st);
 
-    const int64_t nek = k2->ne[0];
-    const int64_t nev = v2->ne[0];
-
-    const int64_t NS  = inp->state_get->ne[0];
-    const int64_t NR  = inp->fold_rows->ne[0]/NS; // rows per sequence
-
-    ggml_tensor * comp = kv->get_comp(il);                                    // F32 [E = nek + nev, n_seq_max]
-    ggml_tensor * ek = ggml_get_rows(ctx0, k2,   inp->fold_rows);              // F32 [nek, NR*NS] (dequantized)
-    ggml_tensor * ev = ggml_get_rows(ctx0, v2,   inp->fold_rows);              // F32 [nev, NR*NS]
-    ggml_tensor * s0 = ggml_get_rows(ctx0, comp, inp->state_get);              // F32 [E, NS]
-    ggml_tensor * x  = ggml_concat(ctx0,
-            ggml_reshape_3d(ctx0, s0, nek + nev, 1, NS),
-            ggml_reshape_3d(ctx0, ggml_concat(ctx0, ek, ev, 0), nek + nev, NR, NS), 1); // [E, 1 + NR, NS]
-
-    // running sums per sequence, added one row at a time in position order (cumsum is sequential): the
-    // same float operations whatever the ubatch split, so prefill and token-by-token decode agree bitwise
-    ggml_tensor * c = ggml_cumsum(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, x, 1, 0, 2, 3)));   // [1 + NR, E, NS]
-    c = ggml_reshape_2d(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, c, 1, 0, 2, 3)), nek + nev, (NR + 1)*NS);
-
-    // each query's sum / l, then each sequence's new sums
-    ggml_tensor * r = ggml_mul(ctx0, ggml_get_rows(ctx0, c, inp->fold_pick), inp->fold_scale); // [E, T + NS]
-    g.cb(r, "razor_fold", il);
-
-    ggml_tensor * ck = ggml_view_2d(ctx0, r, nek, T, r->nb[1], 0);
-    ggml_tensor * cv = ggml_view_2d(ctx0, r, nev, T, r->nb[1], nek*ggml_element_size(r));
-    ggml_tensor * k_fin = ggml_set_rows(ctx0, k2, ck, inp->scratch_idx);
-    ggml_tensor * v_fin = ggml_set_rows(ctx0, v2, cv, inp->scratch_idx);
-    ggml_build_forward_expand(gf, k_fin);
-    ggml_build_forward_expand(gf, v_fin);
-
-    // the state is read (s0) before it is written: the write consumes r
-    ggml_tensor * sums = ggml_view_2d(ctx0, r, nek + nev, NS, r->nb[1], T*r->nb[1]);
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, comp, sums, inp->state_set));
-
-    ggml_tensor * k = razor_view_like(ctx0, k_fin, cl->get_k(ctx0, il));
-    ggml_tensor * v = razor_view_like(ctx0, v_fin, cl->get_v(ctx0, il));
+    ggml_tensor * k = razor_view_like(ctx0, k_st, cl->get_k(ctx0, il));
+    ggml_tensor * v = razor_view_like(ctx0, v_st, cl->get_v(ctx0, il));
     ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
 
     return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
