@@ -24,6 +24,7 @@ against the full cache with 95% block-bootstrap intervals (blocks of 256 positio
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from razor_gguf.evaluation import MAX_NEW_TOKENS, ctx_for, kld_tokens  # noqa: E402
 from razor_gguf.intervals import block_means, bootstrap_ratio, wilson  # noqa: E402
 
 TASKS = ("passkey", "mniah")
@@ -59,7 +61,6 @@ PLANS = {
     "ratios": dict(tasks=TASKS, lengths=(4096,), budgets=(0.35, 0.5), methods=("razor_r0.25", "razor_r0.35"), n=10),
 }
 N_NEEDLES = 4
-MAX_NEW_TOKENS = 10
 N_UBATCH = 256
 KLD_BLOCK = 256
 
@@ -137,19 +138,20 @@ def sha256_of(path: str) -> str:
     return _SHA[path]
 
 
-def machine_summary() -> dict:
+@functools.lru_cache(maxsize=None)
+def _machine() -> tuple:
+    """The machine a run is on, read once (machine_info asks nvidia-smi)."""
     from razor_gguf.machine import machine_info
 
     m = machine_info()
-    return {k: m.get(k) for k in ("cpu", "n_cores", "backends", "gpu", "llama_cpp")}
+    return tuple((k, m.get(k)) for k in ("cpu", "n_cores", "backends", "gpu", "llama_cpp"))
+
+
+def machine_summary() -> dict:
+    return dict(_machine())
 
 
 # ------------------------------------------------------------------------------------------- runs
-
-
-def ctx_for(length: int) -> int:
-    """Context for a prompt of `length` tokens plus the answer, rounded up to llama.cpp's 256 padding."""
-    return -(-(length + MAX_NEW_TOKENS + 2) // 256) * 256
 
 
 def method_options(method: str) -> dict:
@@ -226,15 +228,7 @@ def _machines(cell: dict | None) -> list:
     return ms if m in ms else ms + [m]
 
 
-def kld_tokens(tokenize, haystack: str, length: int) -> list[int]:
-    """`length` tokens of the held-out prose (repeated if the text is shorter)."""
-    toks = tokenize(haystack)
-    while len(toks) < length:
-        toks = toks + toks[1:]
-    return toks[:length]
-
-
-def run_kld_group(store, length, budget, methods, args, haystack) -> float:
+def run_kld_group(store, length, budget, methods, args) -> float:
     """The full cache's logits over `length` tokens, then each method's KLD / top-1 against them, per block
     of KLD_BLOCK positions. All methods run at the smallest ubatch any of them needs, the full cache too
     (llama.cpp's kernels are not batch-invariant, which would otherwise count against razor)."""
@@ -264,7 +258,7 @@ def run_kld_group(store, length, budget, methods, args, haystack) -> float:
     def logits(method):
         llm, st = open_model(args.model, method, budget, n_ctx, args, n_ubatch=ub, logits_all=True)
         try:
-            toks = kld_tokens(lambda t: llm.tokenize(t.encode(), add_bos=True), haystack, length)
+            toks = kld_tokens(llm, length)  # the held-out prose, as `razor-gguf eval --task kld` reads it
             for i in range(0, length, ub):
                 llm.eval(toks[i:i + ub])
             return np.array(llm.scores[:length - 1], dtype=np.float32), st
@@ -321,7 +315,7 @@ def cmd_run(args) -> int:
             break
         if task == "kld":
             methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"]]
-            wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args, haystack)
+            wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args)
             label = f"kld/{length}/{budget:g}"
         else:
             label = cell_key(task, length, method, budget)

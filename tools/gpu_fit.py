@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import pathlib
 import sys
@@ -26,9 +27,10 @@ from razor_gguf import _native  # noqa: E402
 GIB = 1 << 30
 
 
-def gpu_free() -> int:
-    """Free bytes of the first GPU device ggml knows."""
-    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml.so"))  # the backend registry
+@functools.lru_cache(maxsize=None)
+def _ggml():
+    """libggml (the backend registry), bound once."""
+    lib = ctypes.CDLL(str(_native.lib_dir() / "libggml.so"))
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -36,6 +38,12 @@ def gpu_free() -> int:
     lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
                                             ctypes.POINTER(ctypes.c_size_t)]
+    return lib
+
+
+def gpu_free() -> int:
+    """Free bytes of the first GPU device ggml knows."""
+    lib = _ggml()
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
         if lib.ggml_backend_dev_type(dev) == 1:  # GGML_BACKEND_DEVICE_TYPE_GPU
