@@ -122,11 +122,7 @@ def embed_heads(
         fit_probe_len(hp.n_ctx_train, probe_len)
     except ValueError as e:
         raise UserError(f"{input}: {e}") from None
-    model = ReferenceModel.__new__(ReferenceModel)
-    model.path, model.reader, model.hp, model.device = input, reader, hp, device
-    from .reference import GGUFWeights
-
-    model.w = GGUFWeights(reader)
+    model = ReferenceModel(input, device=device, reader=reader)
     with _bar(hp.n_layer, "scoring layers", unit="layer") as bar:
         scores = score_model(
             input,

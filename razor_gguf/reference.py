@@ -59,11 +59,9 @@ class HParams:
     swa_layers: list[bool] = field(default_factory=list)
     bos_token_id: int | None = None
     # YaRN (rope.scaling.type = yarn): the ramp between interpolated and extrapolated angles over rotation
-    # pairs [yarn_low, yarn_high], and the magnitude scale of cos/sin; yarn_ext = 0 means no YaRN
-    yarn_ext: float = 0.0
-    yarn_low: float = 0.0
-    yarn_high: float = 0.0
-    yarn_mscale: float = 1.0  # cos/sin scale: YaRN's, or rope.scaling.attn_factor (LongRoPE)
+    # pairs [yarn_low, yarn_high]; None without YaRN
+    yarn: tuple[float, float] | None = None
+    rope_mscale: float = 1.0  # cos/sin scale: YaRN's, or rope.scaling.attn_factor (LongRoPE)
     n_ctx_orig: int = 0  # rope.scaling.original_context_length: LongRoPE's long factors apply beyond it
     logit_softcap: float = 0.0
 
@@ -108,7 +106,7 @@ def read_hparams(reader) -> HParams:
     )
     hp.n_ctx_orig = int(_field(reader, f"{arch}.rope.scaling.original_context_length", hp.n_ctx_train))
     attn_factor = float(_field(reader, f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0)
-    hp.yarn_mscale = attn_factor
+    hp.rope_mscale = attn_factor
     if scaling == "yarn" and factor > 1.0:
         _set_yarn(hp, factor, hp.n_ctx_orig, attn_factor)
     hp.swa_layers = [False] * n_layer
@@ -139,10 +137,8 @@ def _set_yarn(hp: HParams, factor: float, n_ctx_orig: int, attn_factor: float,
     def corr_dim(n_rot):
         return f32(hp.rope_dim) * np.log(f32(n_ctx_orig) / (f32(n_rot) * 2 * f32(math.pi))) / (2 * np.log(f32(hp.rope_base)))
 
-    hp.yarn_ext = 1.0
-    hp.yarn_low = float(max(0.0, np.floor(corr_dim(beta_fast))))
-    hp.yarn_high = float(min(hp.rope_dim - 1, np.ceil(corr_dim(beta_slow))))
-    hp.yarn_mscale = attn_factor * (1.0 + 0.1 * math.log(factor))
+    hp.yarn = (float(max(0.0, np.floor(corr_dim(beta_fast)))), float(min(hp.rope_dim - 1, np.ceil(corr_dim(beta_slow)))))
+    hp.rope_mscale = attn_factor * (1.0 + 0.1 * math.log(factor))
 
 
 def _tensor(reader, name):
@@ -186,21 +182,20 @@ def _rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _rope(x, pos, dim, base, scale, neox, freq_factors=None, yarn=None):
-    """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does. yarn: (ext_factor, low, high,
-    mscale) of ggml's rope_yarn, or None."""
+def _rope(x, pos, dim, base, scale, neox, freq_factors=None, yarn=None, mscale=1.0):
+    """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does. yarn: the (low, high)
+    correction range of ggml's rope_yarn (ext_factor 1), or None; mscale scales cos and sin."""
     import torch
 
     inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
     if freq_factors is not None:
         inv = inv / freq_factors.double()
     ang = (pos.double()[:, None] * scale) * inv[None, :]
-    mscale = yarn[3] if yarn is not None else 1.0
-    if yarn is not None and yarn[0]:
-        ext, low, high, mscale = yarn
+    if yarn is not None:
+        low, high = yarn
         extrap = pos.double()[:, None] * inv[None, :]
         i = torch.arange(dim // 2, dtype=torch.float64, device=x.device)
-        ramp = (1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)) * ext
+        ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
         ang = ang * (1 - ramp) + extrap * ramp
     cos, sin = (ang.cos() * mscale).float(), (ang.sin() * mscale).float()
     xr, xp = x[..., :dim], x[..., dim:]
@@ -226,11 +221,12 @@ class ReferenceModel:
     "cuda"), where the layer runs; peak memory is one layer's f32 weights plus the activations, on that device.
     Outputs (logits) come back on the CPU; hooks and attention policies see tensors on the device."""
 
-    def __init__(self, path: str, device: str = "cpu"):
+    def __init__(self, path: str, device: str = "cpu", reader=None):
+        """reader: the GGUFReader of `path` when the caller has one open already."""
         from gguf import GGUFReader
 
         self.path = str(path)
-        self.reader = GGUFReader(self.path, "r")
+        self.reader = reader if reader is not None else GGUFReader(self.path, "r")
         self.hp = read_hparams(self.reader)
         self.w = GGUFWeights(self.reader)
         self.device = device
@@ -256,7 +252,7 @@ class ReferenceModel:
             "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight",
             "attn_post_norm": "post_attention_norm.weight", "ffn_post_norm": "post_ffw_norm.weight",
         }
-        dev = getattr(self, "device", "cpu")
+        dev = self.device
         hp = self.hp
         if self.w.has(p + "attn_qkv.weight"):  # phi3: one fused projection, rows [q, k, v]
             qkv = self.w.get(p + "attn_qkv.weight")
@@ -297,7 +293,7 @@ class ReferenceModel:
         T = len(tok)
         # Embedding: dequantize only the rows the prompt uses.
         uniq, inv = np.unique(tok, return_inverse=True)
-        dev = torch.device(getattr(self, "device", "cpu"))
+        dev = torch.device(self.device)
         x = self.w.get("token_embd.weight", rows=uniq)[torch.from_numpy(inv)].to(dev)
         if hp.arch == "gemma3":
             x = x * math.sqrt(hp.n_embd)
@@ -325,9 +321,9 @@ class ReferenceModel:
                 swa = hp.swa_layers[il] if hp.swa_layers else False
                 base = hp.rope_base_swa if swa else hp.rope_base
                 scale = 1.0 if swa else hp.rope_scale
-                yarn = None if swa else (hp.yarn_ext, hp.yarn_low, hp.yarn_high, hp.yarn_mscale)
-                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn)
-                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn)
+                yarn, mscale = (None, 1.0) if swa else (hp.yarn, hp.rope_mscale)
+                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn, mscale)
+                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn, mscale)
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
                 if attention is not None:

@@ -282,7 +282,7 @@ def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied, kv, freqs)
     assert diff < 1e-4 * max(1.0, np.abs(cpp).max())  # measured 2e-6 to 2e-5
     if kv or freqs:  # negative control: the same model without its rope scaling or factors is far off
         m = ReferenceModel(path)
-        m.hp.rope_scale, m.hp.yarn_ext, m.hp.yarn_mscale = 1.0, 0.0, 1.0
+        m.hp.rope_scale, m.hp.yarn, m.hp.rope_mscale = 1.0, None, 1.0
         for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             m.w._by_name.pop(name, None)
         plain = m.forward(toks, want_logits=True, chunk=16).double().numpy()
