@@ -18,13 +18,14 @@ import cffi
 
 BINDING_VERSION = "0.3.36"
 BASE_COMMIT = "0c1e57098"
-MIN_PATCH_VERSION = 3
+MIN_PATCH_VERSION = 4
 
 _CDEF = """
 uint32_t     llama_razor_patch_version(void);
 const char * llama_razor_base_commit(void);
 const char * llama_razor_backends(void);
 int32_t      llama_razor_kv_bytes(const void * ctx, int64_t out[4]);
+int64_t      llama_razor_kv_bytes_swa(const void * ctx);
 int32_t      llama_razor_head_map(const void * ctx, int32_t * out, int32_t n);
 int32_t      llama_razor_window(const void * ctx, uint32_t * n_sink, uint32_t * n_window);
 int32_t      llama_razor_n_ubatch(const void * ctx);
@@ -144,11 +145,12 @@ class KVBytes:
     retrieval: int  # full cache of the retrieval heads
     local: int  # sinks + window ring of the local heads, with its scratch rows
     compensation: int  # F32 running sums of the evicted keys and values
-    full_equiv: int  # what a stock cache of the same context allocates
+    full_equiv: int  # what a stock cache of the same context allocates (a sliding-window model's SWA cache included)
+    swa: int = 0  # the stock SWA cache razor keeps for a sliding-window model's sliding-window layers
 
     @property
     def total(self) -> int:
-        return self.retrieval + self.local + self.compensation
+        return self.retrieval + self.local + self.compensation + self.swa
 
     @property
     def saving(self) -> float:
@@ -168,10 +170,11 @@ def _ctx_ptr(ctx) -> int:
 def kv_bytes(ctx) -> KVBytes:
     ffi, lib = razor_lib()
     out = ffi.new("int64_t[4]")
-    rc = lib.llama_razor_kv_bytes(ffi.cast("void *", _ctx_ptr(ctx)), out)
+    p = ffi.cast("void *", _ctx_ptr(ctx))
+    rc = lib.llama_razor_kv_bytes(p, out)
     if rc < 0:
         raise ValueError("this context has no KV cache")
-    return KVBytes(bool(rc), int(out[0]), int(out[1]), int(out[2]), int(out[3]))
+    return KVBytes(bool(rc), int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(lib.llama_razor_kv_bytes_swa(p)))
 
 
 def head_map(ctx) -> list[int] | None:

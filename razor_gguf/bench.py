@@ -65,7 +65,7 @@ def run_one(spec: dict) -> dict:
         llm = Llama(
             model_path=spec["model"], n_ctx=n_ctx, n_batch=spec["n_ubatch"], n_ubatch=spec["n_ubatch"],
             flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=spec["n_gpu_layers"],
-            kv_overrides=overrides, razor=razor, verbose=False, **kw,
+            swa_full=spec.get("swa_full", False), kv_overrides=overrides, razor=razor, verbose=False, **kw,
         )
     except RazorUnavailableError as e:
         return {"mode": spec["mode"], "ctx": n_ctx, "supported": False, "reason": str(e), "kv_bytes": None,
@@ -235,18 +235,21 @@ def bench(
     window: int | None = None,
     retrieval_ratio: float | None = None,
     kv_budget: float | str | None = None,
+    swa_full: bool = False,
 ) -> dict:
     """Measure every mode at every context length, each in a fresh worker process.
 
     Returns the `razor-gguf bench --json` object; bad input raises UserError before any run.
     Razor options left at None take the model's metadata; kv_budget sets the window per context.
+    swa_full: sliding-window models keep a full-size SWA cache (llama-cpp-python's default) instead of
+    window + ubatch cells (llama.cpp's own tools' default, used here for every mode alike).
     """
     razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     settings = {
         "modes": modes, "ctx": list(ctx), "n_decode": None if kv_only else n_decode,
         "kv_only": kv_only, "n_batch": n_ubatch, "n_ubatch": n_ubatch, "flash_attn": True,
-        "n_threads": threads or os.cpu_count(), "n_gpu_layers": n_gpu_layers,
+        "n_threads": threads or os.cpu_count(), "n_gpu_layers": n_gpu_layers, "swa_full": swa_full,
         "razor_overrides": overrides, "prompt": f"random ids in [100, min(n_vocab, 30000)), seed {SEED}",
     }
     res = {"model": os.path.abspath(model), "machine": machine_info(), "settings": settings, "runs": []}
@@ -256,7 +259,7 @@ def bench(
             t0 = time.perf_counter()
             run = _spawn({"model": res["model"], "mode": mode, "ctx": n, "n_decode": n_decode,
                           "kv_only": kv_only, "n_ubatch": n_ubatch, "n_threads": settings["n_threads"],
-                          "n_gpu_layers": n_gpu_layers, "razor_overrides": overrides})
+                          "n_gpu_layers": n_gpu_layers, "swa_full": swa_full, "razor_overrides": overrides})
             res["runs"].append(run)
             if not run["supported"]:
                 print(f"bench: {mode} at ctx {n}: not run: {run['reason']}", file=sys.stderr, flush=True)
@@ -308,7 +311,7 @@ def cmd_bench(args) -> int:
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
-                    kv_budget=args.kv_budget)
+                    kv_budget=args.kv_budget, swa_full=args.swa_full)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -337,6 +340,9 @@ def add_subcommand(sub) -> None:
     b.add_argument("--n-ubatch", type=int, default=512,
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")
     b.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU backend (default 0)")
+    b.add_argument("--swa-full", action="store_true",
+                   help="sliding-window models: a full-size SWA cache in every mode (default: window + ubatch "
+                        "cells, as llama.cpp's own tools)")
     b.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     b.add_argument("--plot", metavar="OUT.png", help="draw KV bytes, prefill and decode speed against context")
     b.set_defaults(func=cmd_bench)

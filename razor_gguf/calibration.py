@@ -97,10 +97,14 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
     """KLD of razor with and without the compensation row against the full model, on `chunks`.
 
     model: a razor_gguf.reference.ReferenceModel; head_map [n_layer, n_head_kv] (1 = retrieval). Each chunk
-    runs three forwards (full, row on, row off); progress() is called after each."""
+    runs three forwards (full, row on, row off); progress() is called after each. The sliding-window layers
+    of an iSWA model keep their window (llama.cpp's SWA cache: every head local, no sinks, no row)."""
     from .kld import kl_and_top1
 
-    head_map = np.asarray(head_map).reshape(model.hp.n_layer, -1)
+    hp = model.hp
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    no_retrieval = np.zeros(head_map.shape[1])
     kl = {True: [], False: []}
     for toks in chunks:
         if len(toks) <= n_sink + window:
@@ -111,6 +115,8 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
             progress()
         for comp in (True, False):
             def attention(il, q, k, v, comp=comp):
+                if swa[il]:
+                    return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
                 return razor_attention_torch(q, k, v, head_map[il], n_sink, window, compensation=comp)
 
             got = model.forward(toks, want_logits="all", attention=attention, logits_from=lo).numpy()

@@ -240,8 +240,9 @@ class Terminal:
         if st["razor"]:
             self.say(f"KV cache: razor, {st['retrieval_heads']}/{st['kv_heads']} retrieval heads, "
                      f"n_sink {st['n_sink']}, window {st['window']}")
+            swa = f" + sliding-window layers {mib(st['swa_bytes'])}" if st.get("swa_bytes") else ""
             self.say(f"  retrieval {mib(st['retrieval_bytes'])} + local {mib(st['local_bytes'])} + "
-                     f"compensation {mib(st['compensation_bytes'])} = {mib(st['kv_bytes'])}")
+                     f"compensation {mib(st['compensation_bytes'])}{swa} = {mib(st['kv_bytes'])}")
             self.say(f"  full cache would be {mib(st['full_equiv_bytes'])}: saving {st['saving']:.1%}")
             if st.get("kv_budget") is not None:
                 self.say(f"  KV budget {st['kv_budget']}: bought window {st['window']} ({st['kv_fraction']:.1%} of the full cache)")

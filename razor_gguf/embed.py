@@ -167,13 +167,18 @@ def embed_heads(
 
 
 def _calibrate(path: str, model, head_map, n_sink: int, window: int):
-    """The measured compensation default (razor_gguf.calibration), or None where it cannot be measured:
-    sliding-window models (razor runs the stock cache there), or a context too short to evict anything."""
+    """The measured compensation default (razor_gguf.calibration), or None where there is nothing to measure:
+    no local head (every head of the global layers a retrieval head: razor runs the stock cache), or a
+    context too short to evict anything."""
+    import numpy as np
+
     from .calibration import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks, measure_compensation
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
-    if (hp.swa_layers and any(hp.swa_layers)) or n_tokens < n_sink + window + 256:
+    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    n_local = sum(int((1 - np.asarray(row)).sum()) for row, s in zip(np.asarray(head_map), swa) if not s)
+    if n_local == 0 or n_tokens < n_sink + window + 256:
         return None
     from . import _native
 

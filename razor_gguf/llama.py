@@ -22,8 +22,8 @@ class RazorUnavailableError(ValueError):
 class RazorLogTap:
     """Collects llama.cpp's `razor:` warnings while a model and context are created.
 
-    The patched library explains every fallback to the stock cache (no head map, sliding-window
-    attention, a window that covers the context, ...) in one WARN line, and a razor setting it cannot
+    The patched library explains every fallback to the stock cache (no head map, an unsupported
+    architecture, a window that covers the context, ...) in one WARN line, and a razor setting it cannot
     honour (a KV budget below the smallest cache) in one ERROR line before the load fails.
     llama-cpp-python drops those when verbose=False, so the wrapper listens in to repeat them to the
     user in one line. Everything else (and, when verbose, those lines too) goes on to
@@ -80,8 +80,9 @@ def razor_fallback_reason(llm, notes: list[str]) -> str | None:
 def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     """Allocated KV-cache bytes of a llama_cpp.Llama's context by part, the full-cache equivalent and the saving.
 
-    Keys: razor (bool), retrieval_bytes, local_bytes, compensation_bytes, kv_bytes (their sum),
-    full_equiv_bytes, kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
+    Keys: razor (bool), retrieval_bytes, local_bytes, compensation_bytes, swa_bytes (the stock SWA cache of a
+    sliding-window model's sliding-window layers, kept as it is), kv_bytes (their sum), full_equiv_bytes,
+    kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
     (the budget asked for, as given, or the model's razor.kv_budget; None without one), n_sink, window
     (what the budget bought: the window in effect), n_ubatch (tokens per ubatch the razor cache runs),
     compensation (the compensation row in effect: the option, else the model's measured default),
@@ -98,6 +99,7 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
         "retrieval_bytes": kb.retrieval,
         "local_bytes": kb.local,
         "compensation_bytes": kb.compensation,
+        "swa_bytes": kb.swa,
         "kv_bytes": kb.total,
         "full_equiv_bytes": kb.full_equiv,
         "kv_fraction": kb.total / kb.full_equiv if kb.full_equiv else None,

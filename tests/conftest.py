@@ -49,3 +49,17 @@ def smollm2_razor(smollm2_path, tmp_path_factory):
           f"{info['retrieval_count']} retrieval heads (ratio {info['retrieval_ratio']:.3f}) in layers "
           f"{[l for l, row in enumerate(info['head_map']) if any(row)]}")
     return out, info, wall, peak
+
+
+@pytest.fixture(scope="session")
+def gemma3_razor(tmp_path_factory):
+    """Gemma 3 270M with its head map embedded by `razor-gguf embed-heads --probe-len 600` (a probe block longer
+    than the 512-token sliding window), made once per session: (path, the --json summary)."""
+    pytest.importorskip("torch")
+    from razor_gguf.models import model_path
+
+    out = tmp_path_factory.mktemp("embed") / "gemma3-razor.gguf"
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", str(model_path("gemma3")), "-o", str(out),
+                        "--json", "--probe-len", "600"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout)

@@ -268,17 +268,14 @@ def test_inspect_plot(scored, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gemma3_sliding_window_layers_are_local(tmp_path, capfd):
+def test_gemma3_sliding_window_layers_are_local(gemma3_razor, capfd):
     """Gemma 3 270M: 15 of its 18 layers use a 512-token sliding window, so a probe block longer than
     the window gives them zero scores, and the 3 global layers (5, 11, 17) are the retrieval heads.
-    The razor cache does not serve sliding-window models yet: loading says so and runs stock."""
+    At that default map every global head is a retrieval head: loading says so and runs the stock cache,
+    with the stock outputs (tests/test_razor_iswa.py runs its global heads local)."""
     from razor_gguf import Llama, _native
-    from razor_gguf.models import model_path
 
-    out = tmp_path / "gemma3-razor.gguf"
-    r = _cli("embed-heads", model_path("gemma3"), "-o", out, "--json", "--probe-len", "600")
-    assert r.returncode == 0, r.stderr[-2000:]
-    info = json.loads(r.stdout)
+    out, info = gemma3_razor
     assert (info["n_layer"], info["n_head_kv"]) == (18, 1)
     hm = np.array(info["head_map"]).ravel()
     assert list(np.flatnonzero(hm)) == [5, 11, 17]
@@ -288,11 +285,17 @@ def test_gemma3_sliding_window_layers_are_local(tmp_path, capfd):
     assert (ind[local] == 0).all() and (echo[local] == 0).all()
     assert ind[5] > 0.5
 
-    capfd.readouterr()
-    llm = Llama(model_path=str(out), n_ctx=1024, verbose=True)
-    try:
-        assert not _native.kv_bytes(llm._ctx.ctx).razor
-    finally:
-        llm.close()
-    err = capfd.readouterr().err
-    assert "razor: sliding-window attention models are not supported: using the stock KV cache" in err
+    logits = {}
+    for name, kv in (("default", None), ("stock", {"razor.enabled": False})):
+        capfd.readouterr()
+        llm = Llama(model_path=str(out), n_ctx=1024, logits_all=True, verbose=True, kv_overrides=kv)
+        try:
+            assert not _native.kv_bytes(llm._ctx.ctx).razor
+            llm.eval(list(range(1000, 1100)))
+            logits[name] = np.array(llm.scores[:100])
+        finally:
+            llm.close()
+        if name == "default":
+            err = capfd.readouterr().err
+            assert "every KV head of the global-attention layers is a retrieval head: using the stock KV cache" in err
+    assert np.array_equal(logits["default"], logits["stock"])

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Write a random-weight GGUF of a real model's shape, with a razor head map, for speed and memory runs.
 
-    tools/make_bench_model.py OUT.gguf [--shape llama3-8b|smollm2-135m] [--retrieval-ratio 0.15]
+    tools/make_bench_model.py OUT.gguf [--shape llama3-8b|smollm2-135m|gemma3-SIZE-kv] [--retrieval-ratio 0.15]
         [--f16] [--n-ctx-train N] [--window 512] [--n-sink 4]
 
 Speed does not depend on the weights' values, so a twin written on the spot (seconds; Q4_0 blocks are drawn
 directly, never as f32) stands in for a multi-GB download. Never commit the output. The retrieval heads are
-drawn by a fixed seed, spread over layers as embed-heads' selection would leave them.
+drawn by a fixed seed, spread over layers as embed-heads' selection would leave them (never in a
+sliding-window layer). The gemma3-*-kv shapes keep only Gemma 3's attention shape (layers, KV heads, head
+size, sliding window, one global layer in six); embedding, FFN and vocabulary are shrunk, since KV bytes
+depend on nothing else: `razor-gguf bench --kv-only` on them gives what razor saves at each Gemma 3 size.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ SHAPES = {
     "smollm2-135m": dict(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536, n_vocab=49152,
                          rope_base=100000.0),
 }
+# Gemma 3 (google/gemma-3-*-pt configs): layers, query / KV heads, head size, sliding window
+_GEMMA3 = {"270m": (18, 4, 1, 256, 512), "1b": (26, 4, 1, 256, 512), "4b": (34, 8, 4, 256, 1024),
+           "12b": (48, 16, 8, 256, 1024), "27b": (62, 32, 16, 128, 1024)}
+for _size, (_l, _h, _kv, _d, _w) in _GEMMA3.items():
+    SHAPES[f"gemma3-{_size}-kv"] = dict(arch="gemma3", n_layer=_l, n_embd=256, n_head=_h, n_head_kv=_kv, head_dim=_d,
+                                        n_ff=256, n_vocab=TinyConfig().n_vocab, rope_base=1000000.0, n_swa=_w,
+                                        swa_pattern=6)
 
 
 def main(argv=None) -> int:
@@ -47,8 +57,10 @@ def main(argv=None) -> int:
     cfg = TinyConfig(**s, n_filler=n_filler, n_ctx_train=a.n_ctx_train, seed=a.seed, f16=a.f16, q4_0=not a.f16,
                      qk_gain=1.0)
     n_kv = cfg.n_layer * cfg.n_head_kv
+    eligible = np.flatnonzero(~np.repeat(cfg.swa_layers, cfg.n_head_kv))
     hm = np.zeros(n_kv, dtype=np.int32)
-    hm[np.random.default_rng(a.seed).choice(n_kv, round(a.retrieval_ratio * n_kv), replace=False)] = 1
+    n_retr = min(round(a.retrieval_ratio * n_kv), eligible.size)
+    hm[np.random.default_rng(a.seed).choice(eligible, n_retr, replace=False)] = 1
     razor = RazorMeta(head_map=hm.reshape(cfg.n_layer, cfg.n_head_kv), n_sink=a.n_sink, window=a.window)
     print(write_tiny_model(a.out, cfg, razor))
     return 0

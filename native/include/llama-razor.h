@@ -11,7 +11,7 @@ extern "C" {
 #endif
 
 // Bumped whenever the razor patch series changes behaviour or adds entry points.
-#define LLAMA_RAZOR_PATCH_VERSION 3
+#define LLAMA_RAZOR_PATCH_VERSION 4
 
 // Version of the razor patch series compiled into this library.
 LLAMA_API uint32_t llama_razor_patch_version(void);
@@ -24,9 +24,14 @@ LLAMA_API const char * llama_razor_base_commit(void);
 LLAMA_API const char * llama_razor_backends(void);
 
 // Allocated KV-cache bytes of ctx: out[0] retrieval cache, out[1] local ring (sinks + window + scratch),
-// out[2] compensation state, out[3] what a stock cache of the same context would allocate.
-// Returns 1 for a razor cache, 0 for a stock cache (out[0] = out[3] = its size), -1 without a KV cache.
+// out[2] compensation state, out[3] what a stock cache of the same context would allocate (for a
+// sliding-window model, its SWA cache included). Returns 1 for a razor cache, 0 for a stock cache
+// (out[0] = out[3] = its size), -1 without a KV cache.
 LLAMA_API int32_t llama_razor_kv_bytes(const struct llama_context * ctx, int64_t out[4]);
+
+// Bytes of the stock SWA cache a razor cache keeps for an interleaved sliding-window model's
+// sliding-window layers (part of the razor cache's total, beside out[0..2] above); 0 otherwise.
+LLAMA_API int64_t llama_razor_kv_bytes_swa(const struct llama_context * ctx);
 
 // The head map in effect ([n_layer*n_head_kv], layer-major, 1 = retrieval), copied into out (capacity n).
 // Returns the number of entries, 0 when ctx does not run the razor cache.

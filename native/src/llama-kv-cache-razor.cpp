@@ -104,12 +104,17 @@ bool razor_get_f32_arr(const llama_model_loader & ml, const char * key, std::vec
     return true;
 }
 
-// top ceil(ratio*n) heads by score, ties by index: the rule of razor_gguf.scoring.select_heads
-void razor_select_top(const std::vector<float> & score, float ratio, std::vector<int32_t> & sel) {
+// top ceil(ratio*n) heads by score among the eligible ones (not in a sliding-window layer), ties by index: the
+// rule of razor_gguf.scoring.select_heads
+void razor_select_top(const std::vector<float> & score, float ratio, const llama_razor_config & cfg, std::vector<int32_t> & sel) {
     const size_t n_all = score.size();
-    const size_t n = ratio > 0.0f ? std::min(n_all, (size_t) std::ceil((double) ratio*n_all - 1e-9)) : 0;
-    std::vector<size_t> order(n_all);
-    std::iota(order.begin(), order.end(), 0);
+    std::vector<size_t> order;
+    for (size_t i = 0; i < n_all; ++i) {
+        if (!cfg.is_swa(i/cfg.n_head_kv)) {
+            order.push_back(i);
+        }
+    }
+    const size_t n = ratio > 0.0f ? std::min(order.size(), (size_t) std::ceil((double) ratio*n_all - 1e-9)) : 0;
     std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return score[a] > score[b]; });
     for (size_t i = 0; i < n; ++i) {
         sel[order[i]] = 1;
@@ -202,6 +207,15 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
     const int32_t * map = (const int32_t *) gguf_get_arr_data(ml.metadata, k_map);
     cfg->head_map.assign(map, map + n_map);
 
+    // the sliding-window layers of an iSWA model keep the stock SWA cache: no head of theirs is split
+    cfg->layer_swa.assign(cfg->n_layer, false);
+    for (uint32_t il = 0; il < cfg->n_layer; ++il) {
+        cfg->layer_swa[il] = hparams.swa_type != LLAMA_SWA_TYPE_NONE && hparams.is_swa(il);
+        if (cfg->layer_swa[il]) {
+            std::fill_n(cfg->head_map.begin() + il*cfg->n_head_kv, cfg->n_head_kv, 0);
+        }
+    }
+
     cfg->enabled = true;
     razor_get_bool(ml, "razor.enabled", cfg->enabled);
     razor_get_uint(ml, "razor.n_sink",  cfg->n_sink);
@@ -250,17 +264,20 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
         echo_ratio = std::min(echo_ratio, ratio);
 
         std::fill(cfg->head_map.begin(), cfg->head_map.end(), 0);
-        razor_select_top(induction, std::max(0.0f, ratio - echo_ratio), cfg->head_map);
-        razor_select_top(echo, echo_ratio, cfg->head_map);
+        razor_select_top(induction, std::max(0.0f, ratio - echo_ratio), *cfg, cfg->head_map);
+        razor_select_top(echo, echo_ratio, *cfg, cfg->head_map);
     }
 
     uint32_t n_retr = 0;
-    for (int32_t v : cfg->head_map) {
-        n_retr += v != 0;
+    uint32_t n_swa  = 0;
+    for (uint32_t il = 0; il < cfg->n_layer; ++il) {
+        n_retr += cfg->n_retrieval(il);
+        n_swa  += cfg->is_swa(il);
     }
-    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)\n",
+    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)%s\n",
             cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window, cfg->compensation ? "on" : "off",
-            n_retr, n_map, 100.0*n_retr/n_map);
+            n_retr, n_map, 100.0*n_retr/n_map,
+            n_swa ? format(", %u of %u layers sliding-window (stock SWA cache)", n_swa, cfg->n_layer).c_str() : "");
     if (cfg->has_budget()) {
         LLAMA_LOG_INFO("razor: kv_budget = %s: the window is set per context\n", cfg->kv_budget_bytes > 0 ?
                 format("%.2f MiB", cfg->kv_budget_bytes/1048576.0).c_str() : format("%.3f of the full cache", cfg->kv_budget).c_str());
@@ -271,11 +288,17 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
 
 const char * llama_razor_unsupported(const llama_model & model, const llama_razor_config & cfg, const llama_cparams & cparams) {
     const auto & hp = model.hparams;
-    if (hp.swa_type != LLAMA_SWA_TYPE_NONE) {
-        return "sliding-window attention models are not supported";
+    if (hp.n_layer_kv_from_start >= 0 || model.arch == LLM_ARCH_GEMMA3N || model.arch == LLM_ARCH_GEMMA4 ||
+            model.arch == LLM_ARCH_GEMMA4_ASSISTANT) {
+        return "layers that share another layer's KV cache are not supported";
     }
     if (hp.use_alibi) {
         return "ALiBi is not supported";
+    }
+    for (const auto & layer : model.layers) {
+        if (layer.attn_sinks) {
+            return "learned attention sinks (gpt-oss) are not supported";
+        }
     }
     if (hp.is_mla() || hp.n_embd_head_k(0) != hp.n_embd_head_v(0)) {
         return "MLA / different K and V head sizes are not supported";
@@ -299,23 +322,38 @@ const char * llama_razor_unsupported(const llama_model & model, const llama_razo
     return nullptr;
 }
 
+uint32_t llama_razor_swa_size(const llama_hparams & hp, bool swa_full, bool unified, uint32_t kv_size, uint32_t n_seq_max, uint32_t n_ubatch) {
+    if (swa_full) {
+        return kv_size;
+    }
+    // llama_kv_cache_iswa: the window of every sequence in a stream plus one ubatch, padded to 256
+    return GGML_PAD(std::min(kv_size, hp.n_swa*(unified ? n_seq_max : 1) + n_ubatch), 256);
+}
+
 void llama_razor_bytes_for(
         const llama_model & model,
  const llama_razor_config & cfg,
                 ggml_type   type_k,
                 ggml_type   type_v,
                      bool   unified,
+                     bool   swa_full,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch,
-                  int64_t   out[4]) {
+                  int64_t   out[5]) {
     const auto & hp = model.hparams;
     const int64_t n_stream = unified ? 1 : n_seq_max;
     const uint32_t ring = llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size).size;
+    const uint32_t size_swa = llama_razor_swa_size(hp, swa_full, unified, kv_size, n_seq_max, n_ubatch);
     // ggml_backend_alloc_ctx_tensors pads every tensor to the buffer's alignment: count a generous 256 bytes
     auto tensor = [](int64_t bytes) { return GGML_PAD(bytes, 256); };
-    out[0] = out[1] = out[2] = out[3] = 0;
+    out[0] = out[1] = out[2] = out[3] = out[4] = 0;
     for (uint32_t il = 0; il < cfg.n_layer; ++il) {
+        if (cfg.is_swa(il)) {
+            out[4] += tensor((int64_t) size_swa*n_stream*ggml_row_size(type_k, hp.n_embd_k_gqa(il))) +
+                      tensor((int64_t) size_swa*n_stream*ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+            continue;
+        }
         const uint32_t n_retr = cfg.n_retrieval(il);
         const uint32_t n_loc  = cfg.n_local(il);
         const int64_t dk = hp.n_embd_head_k(il);
@@ -331,6 +369,7 @@ void llama_razor_bytes_for(
         }
         out[3] += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
     }
+    out[3] += out[4];
 }
 
 bool llama_razor_fit_budget(
@@ -338,6 +377,7 @@ bool llama_razor_fit_budget(
        llama_razor_config & cfg,
                 ggml_type   type_k,
                 ggml_type   type_v,
+                     bool   swa_full,
       const llama_cparams & cparams) {
     if (!cfg.has_budget()) {
         return true;
@@ -350,28 +390,31 @@ bool llama_razor_fit_budget(
         c.n_window = window;
         return c;
     };
-    auto bytes = [&](uint32_t window, int64_t b[4]) {
-        llama_razor_bytes_for(model, with_window(window), type_k, type_v, cparams.kv_unified, kv_size, cparams.n_seq_max, cparams.n_ubatch, b);
-        return b[0] + b[1] + b[2];
+    auto bytes = [&](uint32_t window, int64_t b[5]) {
+        llama_razor_bytes_for(model, with_window(window), type_k, type_v, cparams.kv_unified, swa_full, kv_size,
+                cparams.n_seq_max, cparams.n_ubatch, b);
+        return b[0] + b[1] + b[2] + b[4];
     };
-    int64_t b[4];
+    int64_t b[5];
     bytes(1, b);
     const int64_t full   = b[3];
     const int64_t budget = cfg.kv_budget_bytes > 0 ? cfg.kv_budget_bytes : (int64_t) std::floor((double) cfg.kv_budget*full);
     if (budget >= full) {
         return false; // the stock cache fits
     }
-    if (b[0] + b[1] + b[2] > budget) {
+    const int64_t smallest = b[0] + b[1] + b[2] + b[4];
+    if (smallest > budget) {
         throw std::runtime_error(format(
             "razor: kv_budget %.3f of the full cache (%.2f MiB) is below the smallest razor cache for n_ctx = %u: "
-            "%.3f (%.2f MiB; the retrieval heads alone take %.3f)", (double) budget/full, budget/1048576.0, kv_size,
-            (double) (b[0] + b[1] + b[2])/full, (b[0] + b[1] + b[2])/1048576.0, (double) b[0]/full));
+            "%.3f (%.2f MiB; the retrieval heads alone take %.3f%s)", (double) budget/full, budget/1048576.0, kv_size,
+            (double) smallest/full, smallest/1048576.0, (double) b[0]/full,
+            b[4] ? format(", the sliding-window layers %.3f", (double) b[4]/full).c_str() : ""));
     }
     // the largest window that fits; it must leave something to evict and keep the ring within the context
     uint32_t lo = 1;
     uint32_t hi = kv_size > cfg.n_sink + 1 ? kv_size - cfg.n_sink - 1 : 1;
     auto fits = [&](uint32_t w) {
-        int64_t bw[4];
+        int64_t bw[5];
         return bytes(w, bw) <= budget && razor_ring_fits(with_window(w), cparams);
     };
     while (lo < hi) {
@@ -385,7 +428,7 @@ bool llama_razor_fit_budget(
     cfg.n_window = lo;
     bytes(lo, b);
     LLAMA_LOG_INFO("razor: kv_budget %.3f of the full cache (%.2f of %.2f MiB) at n_ctx = %u: window = %u, %.3f allocated\n",
-            (double) budget/full, budget/1048576.0, full/1048576.0, kv_size, lo, (double) (b[0] + b[1] + b[2])/full);
+            (double) budget/full, budget/1048576.0, full/1048576.0, kv_size, lo, (double) (b[0] + b[1] + b[2] + b[4])/full);
     return true;
 }
 
@@ -399,7 +442,7 @@ const llama_memory_params & params,
     }
     // the window this context runs (a budget sets it per context)
     llama_razor_config cfg = cfg_model;
-    if (!llama_razor_fit_budget(model, cfg, params.type_k, params.type_v, cparams)) {
+    if (!llama_razor_fit_budget(model, cfg, params.type_k, params.type_v, params.swa_full, cparams)) {
         LLAMA_LOG_INFO("create_memory: razor: the kv_budget covers the full cache: using the stock KV cache\n");
         return nullptr;
     }
@@ -416,11 +459,25 @@ const llama_memory_params & params,
         return nullptr;
     }
     if (n_local == 0) {
-        LLAMA_LOG_INFO("create_memory: razor: every KV head is a retrieval head: using the stock KV cache\n");
+        LLAMA_LOG_INFO("create_memory: razor: every KV head%s is a retrieval head: using the stock KV cache\n",
+                model.hparams.swa_type != LLAMA_SWA_TYPE_NONE ? " of the global-attention layers" : "");
         return nullptr;
     }
+
+    // an iSWA model's sliding-window layers: the cache llama_kv_cache_iswa would give them
+    std::unique_ptr<llama_kv_cache> kv_swa;
+    if (model.hparams.swa_type != LLAMA_SWA_TYPE_NONE) {
+        const auto & hp = model.hparams;
+        const uint32_t size_swa = llama_razor_swa_size(hp, params.swa_full, cparams.kv_unified, cparams.n_ctx_seq,
+                cparams.n_seq_max, cparams.n_ubatch);
+        LLAMA_LOG_INFO("%s: razor: creating SWA KV cache, size = %u cells\n", __func__, size_swa);
+        kv_swa = std::make_unique<llama_kv_cache>(
+                model, hp, params.type_k, params.type_v, !cparams.flash_attn, cparams.offload_kqv, cparams.kv_unified,
+                size_swa, cparams.n_seq_max, 1, hp.n_swa, hp.swa_type, nullptr,
+                [&](int32_t il) { return hp.is_swa(il); }, nullptr, nullptr);
+    }
     return new llama_kv_cache_razor(model, cfg, params.type_k, params.type_v,
-            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch);
+            cparams.offload_kqv, cparams.kv_unified, cparams.n_ctx_seq, cparams.n_seq_max, cparams.n_ubatch, std::move(kv_swa));
 }
 
 //
@@ -436,10 +493,11 @@ llama_kv_cache_razor::llama_kv_cache_razor(
                      bool   unified,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
-                 uint32_t   n_ubatch) :
+                 uint32_t   n_ubatch,
+std::unique_ptr<llama_kv_cache> kv_swa) :
     model(model), cfg(cfg), hparams_retr(model.hparams), hparams_loc(model.hparams),
     n_seq_max(n_seq_max), unified(unified), ring(llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size)),
-    n_scratch(cfg.compensation ? ring.n_ubatch : 0), n_margin(ring.n_margin) {
+    n_scratch(cfg.compensation ? ring.n_ubatch : 0), n_margin(ring.n_margin), kv_swa(std::move(kv_swa)) {
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer_all;
 
@@ -534,20 +592,23 @@ llama_kv_cache_razor::llama_kv_cache_razor(
 
     seqs.assign(n_seq_max, seq_state{});
 
-    // what a stock cache of this context would allocate
+    // what a stock cache of this context would allocate (for an iSWA model: its full cache of the global layers
+    // and the same SWA cache)
     const int64_t n_stream = unified ? 1 : n_seq_max;
     for (uint32_t il = 0; il < n_layer; ++il) {
-        bytes_full_equiv += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+        if (!cfg.is_swa(il)) {
+            bytes_full_equiv += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
+        }
     }
 
-    int64_t b[4];
+    int64_t b[5];
     kv_bytes(b);
-    LLAMA_LOG_INFO("%s: KV bytes: retrieval %.2f MiB + local %.2f MiB + compensation %.2f MiB = %.2f MiB (full cache %.2f MiB, %.1f%%)\n",
-            __func__, b[0]/1048576.0, b[1]/1048576.0, b[2]/1048576.0, (b[0] + b[1] + b[2])/1048576.0, b[3]/1048576.0,
-            100.0*(b[0] + b[1] + b[2])/std::max<int64_t>(1, b[3]));
+    LLAMA_LOG_INFO("%s: KV bytes: retrieval %.2f MiB + local %.2f MiB + compensation %.2f MiB + SWA %.2f MiB = %.2f MiB (full cache %.2f MiB, %.1f%%)\n",
+            __func__, b[0]/1048576.0, b[1]/1048576.0, b[2]/1048576.0, b[4]/1048576.0, (b[0] + b[1] + b[2] + b[4])/1048576.0,
+            b[3]/1048576.0, 100.0*(b[0] + b[1] + b[2] + b[4])/std::max<int64_t>(1, b[3]));
 }
 
-void llama_kv_cache_razor::kv_bytes(int64_t out[4]) const {
+void llama_kv_cache_razor::kv_bytes(int64_t out[5]) const {
     auto sum = [](const std::map<ggml_backend_buffer_type_t, size_t> & mb) {
         int64_t s = 0;
         for (const auto & [buft, size] : mb) {
@@ -562,7 +623,8 @@ void llama_kv_cache_razor::kv_bytes(int64_t out[4]) const {
         out[2] += model.hparams.no_alloc ? ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.get(), ggml_backend_buffer_get_type(buf.get()))
                                          : ggml_backend_buffer_get_size(buf.get());
     }
-    out[3] = bytes_full_equiv;
+    out[4] = kv_swa ? sum(kv_swa->memory_breakdown()) : 0;
+    out[3] = bytes_full_equiv + out[4];
 }
 
 llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
@@ -602,8 +664,16 @@ llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & b
         if (sinfos_loc.empty()) {
             continue;
         }
+        llama_kv_cache::slot_info_vec_t sinfos_swa;
+        if (kv_swa) {
+            sinfos_swa = kv_swa->prepare(ubatches);
+            if (sinfos_swa.empty()) {
+                continue;
+            }
+        }
 
-        return std::make_unique<llama_kv_cache_razor_context>(this, std::move(sinfos_retr), std::move(sinfos_loc), std::move(ubatches));
+        return std::make_unique<llama_kv_cache_razor_context>(this, std::move(sinfos_retr), std::move(sinfos_loc),
+                std::move(sinfos_swa), std::move(ubatches));
     }
 
     return std::make_unique<llama_kv_cache_razor_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
@@ -627,6 +697,9 @@ void llama_kv_cache_razor::clear(bool data) {
         kv_retr->clear(data);
     }
     kv_loc->clear(data);
+    if (kv_swa) {
+        kv_swa->clear(data);
+    }
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         reset_seq(s);
     }
@@ -715,6 +788,9 @@ bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
         res = kv_retr->seq_rm(seq_id, p0, p1) && res;
     }
     res = kv_loc->seq_rm(seq_id, p0, p1) && res;
+    if (kv_swa) {
+        res = kv_swa->seq_rm(seq_id, p0, p1) && res;
+    }
     return res;
 }
 
@@ -726,6 +802,9 @@ void llama_kv_cache_razor::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_d
         kv_retr->seq_cp(seq_id_src, seq_id_dst, p0, p1);
     }
     kv_loc->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+    if (kv_swa) {
+        kv_swa->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+    }
 
     const auto & src = seqs[seq_id_src];
     const bool whole = p0 <= 0 && (p1 < 0 || p1 > seq_pos_max(seq_id_src));
@@ -748,6 +827,9 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
         kv_retr->seq_keep(seq_id);
     }
     kv_loc->seq_keep(seq_id);
+    if (kv_swa) {
+        kv_swa->seq_keep(seq_id);
+    }
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         if (s != seq_id) {
             reset_seq(s);
@@ -772,6 +854,9 @@ void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos 
         kv_retr->seq_add(seq_id, p0, p1, shift);
     }
     kv_loc->seq_add(seq_id, p0, p1, shift);
+    if (kv_swa) {
+        kv_swa->seq_add(seq_id, p0, p1, shift);
+    }
 }
 
 void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
@@ -780,9 +865,17 @@ void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos 
         kv_retr->seq_div(seq_id, p0, p1, d);
     }
     kv_loc->seq_div(seq_id, p0, p1, d);
+    if (kv_swa) {
+        kv_swa->seq_div(seq_id, p0, p1, d);
+    }
 }
 
 llama_pos llama_kv_cache_razor::seq_pos_min(llama_seq_id seq_id) const {
+    // as llama_kv_cache_iswa: the SWA cache holds only the recent positions, and callers that reuse a cached
+    // prefix must know it (the local ring's evicted positions live on in the compensation row instead)
+    if (kv_swa) {
+        return kv_swa->seq_pos_min(seq_id);
+    }
     return kv_retr ? kv_retr->seq_pos_min(seq_id) : kv_loc->seq_pos_min(seq_id);
 }
 
@@ -794,6 +887,11 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_razor::memory_breakd
     std::map<ggml_backend_buffer_type_t, size_t> mb = kv_loc->memory_breakdown();
     if (kv_retr) {
         for (const auto & [buft, size] : kv_retr->memory_breakdown()) {
+            mb[buft] += size;
+        }
+    }
+    if (kv_swa) {
+        for (const auto & [buft, size] : kv_swa->memory_breakdown()) {
             mb[buft] += size;
         }
     }
@@ -810,6 +908,9 @@ void llama_kv_cache_razor::state_write(llama_io_write_i & io, llama_seq_id seq_i
         kv_retr->state_write(io, seq_id, flags);
     }
     kv_loc->state_write(io, seq_id, flags);
+    if (kv_swa) {
+        kv_swa->state_write(io, seq_id, flags);
+    }
 
     io.write(&RAZOR_STATE_MAGIC, sizeof(RAZOR_STATE_MAGIC));
     const uint32_t n = seq_id < 0 ? n_seq_max : 1;
@@ -836,6 +937,9 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
         kv_retr->state_read(io, seq_id, flags);
     }
     kv_loc->state_read(io, seq_id, flags);
+    if (kv_swa) {
+        kv_swa->state_read(io, seq_id, flags);
+    }
 
     uint32_t magic = 0, n = 0;
     io.read(&magic, sizeof(magic));
@@ -990,26 +1094,40 @@ llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor 
     kv(kv),
     ctx_retr(kv->get_retr() ? kv->get_retr()->init_full() : nullptr),
     ctx_loc (kv->get_loc()->init_full()),
-    status(ctx_retr ? llama_memory_status_combine(ctx_retr->get_status(), ctx_loc->get_status()) : ctx_loc->get_status()) {
+    ctx_swa (kv->get_swa() ? kv->get_swa()->init_full() : nullptr),
+    status(combined_status()) {
 }
 
 llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor * kv, llama_context * lctx, bool optimize) :
     kv(kv),
     ctx_retr(kv->get_retr() ? kv->get_retr()->init_update(lctx, optimize) : nullptr),
     ctx_loc (kv->get_loc()->init_update(lctx, optimize)),
-    status(ctx_retr ? llama_memory_status_combine(ctx_retr->get_status(), ctx_loc->get_status()) : ctx_loc->get_status()) {
+    ctx_swa (kv->get_swa() ? kv->get_swa()->init_update(lctx, optimize) : nullptr),
+    status(combined_status()) {
 }
 
 llama_kv_cache_razor_context::llama_kv_cache_razor_context(
         llama_kv_cache_razor * kv,
         slot_info_vec_t sinfos_retr,
         slot_info_vec_t sinfos_loc,
+        slot_info_vec_t sinfos_swa,
         std::vector<llama_ubatch> ubatches) :
     kv(kv),
     ubatches(std::move(ubatches)),
     ctx_retr(kv->get_retr() ? new llama_kv_cache_context(kv->get_retr(), std::move(sinfos_retr), this->ubatches) : nullptr),
     ctx_loc (new llama_kv_cache_context(kv->get_loc(), std::move(sinfos_loc), this->ubatches)),
+    ctx_swa (kv->get_swa() ? new llama_kv_cache_context(kv->get_swa(), std::move(sinfos_swa), this->ubatches) : nullptr),
     status(LLAMA_MEMORY_STATUS_SUCCESS) {
+}
+
+llama_memory_status llama_kv_cache_razor_context::combined_status() const {
+    llama_memory_status res = ctx_loc->get_status();
+    for (const auto & c : { &ctx_retr, &ctx_swa }) {
+        if (*c) {
+            res = llama_memory_status_combine(res, (*c)->get_status());
+        }
+    }
+    return res;
 }
 
 llama_kv_cache_razor_context::~llama_kv_cache_razor_context() = default;
@@ -1021,6 +1139,9 @@ bool llama_kv_cache_razor_context::next() {
         ctx_retr->next();
     }
     ctx_loc->next();
+    if (ctx_swa) {
+        ctx_swa->next();
+    }
 
     return ++i_next < ubatches.size();
 }
@@ -1033,6 +1154,9 @@ bool llama_kv_cache_razor_context::apply() {
         res = ctx_retr->apply() && res;
     }
     res = ctx_loc->apply() && res;
+    if (ctx_swa) {
+        res = ctx_swa->apply() && res;
+    }
 
     // batch contexts: the ubatch is in place, plan the fold of the tokens leaving the window
     if (res && !ubatches.empty()) {
@@ -1056,6 +1180,10 @@ const llama_kv_cache_context * llama_kv_cache_razor_context::get_retr() const {
 
 const llama_kv_cache_context * llama_kv_cache_razor_context::get_loc() const {
     return static_cast<const llama_kv_cache_context *>(ctx_loc.get());
+}
+
+const llama_kv_cache_context * llama_kv_cache_razor_context::get_swa() const {
+    return static_cast<const llama_kv_cache_context *>(ctx_swa.get());
 }
 
 //
@@ -1207,12 +1335,7 @@ static ggml_tensor * razor_new_input(ggml_context * ctx, ggml_type type, int64_t
     return res;
 }
 
-llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g, const llama_memory_context_i * mctx) {
-    const auto * rc = dynamic_cast<const llama_kv_cache_razor_context *>(mctx);
-    if (!rc) {
-        return nullptr;
-    }
-
+static std::unique_ptr<llm_graph_input_attn_kv_razor> razor_new_attn_inp(const llm_graph_context & g, const llama_kv_cache_razor_context * rc) {
     ggml_context * ctx0 = g.ctx0;
     const llama_ubatch & ub = g.ubatch;
     const int64_t T  = ub.n_tokens;
@@ -1258,7 +1381,61 @@ llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g
         }
     }
 
-    return (llm_graph_input_attn_kv *) g.res->add_input(std::move(inp));
+    return inp;
+}
+
+llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g, const llama_memory_context_i * mctx) {
+    const auto * rc = dynamic_cast<const llama_kv_cache_razor_context *>(mctx);
+    if (!rc) {
+        return nullptr;
+    }
+    return (llm_graph_input_attn_kv *) g.res->add_input(razor_new_attn_inp(g, rc));
+}
+
+llm_graph_input_attn_kv_iswa_razor::llm_graph_input_attn_kv_iswa_razor(
+        const llama_hparams & hparams,
+        const llama_cparams & cparams,
+        std::unique_ptr<llm_graph_input_attn_kv_razor> inp_razor,
+        std::unique_ptr<llm_graph_input_attn_kv>       inp_swa) :
+    llm_graph_input_attn_kv_iswa(hparams, cparams, nullptr),
+    inp_razor(std::move(inp_razor)),
+    inp_swa(std::move(inp_swa)) {
+    razor_base = this->inp_razor.get();
+    razor_swa  = this->inp_swa.get();
+}
+
+void llm_graph_input_attn_kv_iswa_razor::set_input(const llama_ubatch * ubatch) {
+    inp_razor->set_input(ubatch);
+    inp_swa->set_input(ubatch); // the stock input: the SWA cache masks by its own window
+}
+
+bool llm_graph_input_attn_kv_iswa_razor::can_reuse(const llm_graph_params & params) {
+    bool res = inp_razor->can_reuse(params);
+
+    inp_swa->mctx = static_cast<const llama_kv_cache_razor_context *>(params.mctx)->get_swa();
+    res &= inp_swa->self_k_idxs->ne[0] == params.ubatch.n_tokens;
+    res &= razor_mask_fits(inp_swa->self_kq_mask, inp_swa->mctx, params);
+    return res;
+}
+
+llm_graph_input_attn_kv_iswa * llama_razor_build_attn_inp_iswa(const llm_graph_context & g, const llama_memory_context_i * mctx) {
+    const auto * rc = dynamic_cast<const llama_kv_cache_razor_context *>(mctx);
+    if (!rc) {
+        return nullptr;
+    }
+    const auto * swa = rc->get_swa();
+    GGML_ASSERT(swa && "razor: an iSWA graph needs the razor cache's SWA cache");
+
+    auto inp_swa = std::make_unique<llm_graph_input_attn_kv>(g.hparams, g.cparams, swa);
+    inp_swa->self_k_idxs      = swa->build_input_k_idxs(g.ctx0, g.ubatch);
+    inp_swa->self_v_idxs      = swa->build_input_v_idxs(g.ctx0, g.ubatch);
+    inp_swa->self_kq_mask     = razor_new_mask(g.ctx0, swa, g.ubatch, g.cparams, "attn_inp_kq_mask_swa");
+    inp_swa->self_kq_mask_cnv = inp_swa->self_kq_mask;
+    inp_swa->self_k_rot       = swa->build_input_k_rot(g.ctx0);
+    inp_swa->self_v_rot       = swa->build_input_v_rot(g.ctx0);
+
+    auto inp = std::make_unique<llm_graph_input_attn_kv_iswa_razor>(g.hparams, g.cparams, razor_new_attn_inp(g, rc), std::move(inp_swa));
+    return (llm_graph_input_attn_kv_iswa *) g.res->add_input(std::move(inp));
 }
 
 void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync) {
@@ -1436,7 +1613,9 @@ int32_t llama_razor_kv_bytes(const struct llama_context * ctx, int64_t out[4]) {
         return -1;
     }
     if (const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(mem)) {
-        rz->kv_bytes(out);
+        int64_t b[5];
+        rz->kv_bytes(b);
+        std::copy(b, b + 4, out);
         return 1;
     }
     int64_t total = 0;
@@ -1448,6 +1627,16 @@ int32_t llama_razor_kv_bytes(const struct llama_context * ctx, int64_t out[4]) {
     out[2] = 0;
     out[3] = total;
     return 0;
+}
+
+int64_t llama_razor_kv_bytes_swa(const struct llama_context * ctx) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz) {
+        return 0;
+    }
+    int64_t b[5];
+    rz->kv_bytes(b);
+    return b[4];
 }
 
 int32_t llama_razor_head_map(const struct llama_context * ctx, int32_t * out, int32_t n) {

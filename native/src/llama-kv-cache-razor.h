@@ -12,6 +12,10 @@
 // Semantics (exact per token, independent of the ubatch size): a query at position p of a local head
 // sees positions < n_sink, positions in (p - n_window, p] and a compensation row over every position
 // in [n_sink, p - n_window] of its sequence.
+//
+// Interleaved sliding-window models (Gemma 2/3 and the other models llama.cpp serves with llama_kv_cache_iswa):
+// only the global (full-attention) layers are split; the sliding-window layers keep llama.cpp's own SWA cache
+// (kv_swa), unchanged.
 
 #include "llama-kv-cache.h"
 
@@ -33,7 +37,10 @@ struct llama_razor_config {
     // with neither the sums, nor the scratch rows, nor the fold in the graph
     bool compensation = true;
 
-    std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval
+    std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval (0 in sliding-window layers)
+
+    // sliding-window layers (iSWA models): served by the stock SWA cache, neither retrieval nor local heads
+    std::vector<bool> layer_swa; // [n_layer]
 
     // razor.kv_budget (fraction of the full cache) / razor.kv_budget_bytes: when set, each context derives its
     // window from the budget (llama_razor_fit_budget); 0 = unset. A razor.window given at load time wins
@@ -46,8 +53,9 @@ struct llama_razor_config {
     // margin takes what the padding leaves
     uint32_t n_margin_min = 0;
 
+    bool     is_swa     (uint32_t il) const { return !layer_swa.empty() && layer_swa[il]; }
     uint32_t n_retrieval(uint32_t il) const;
-    uint32_t n_local    (uint32_t il) const { return n_head_kv - n_retrieval(il); }
+    uint32_t n_local    (uint32_t il) const { return is_swa(il) ? 0 : n_head_kv - n_retrieval(il); }
 };
 
 // evicted rows kept in the ring beyond the window, so that trims of that many tokens are exact (every graph
@@ -68,19 +76,24 @@ llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n
 
 struct llama_model;
 
+// cells of the stock SWA cache of an iSWA model for a context (llama_kv_cache_iswa's rule)
+uint32_t llama_razor_swa_size(const llama_hparams & hp, bool swa_full, bool unified, uint32_t kv_size, uint32_t n_seq_max, uint32_t n_ubatch);
+
 // the bytes a razor cache of cfg would allocate for a context, without allocating: out[0] retrieval cache,
 // out[1] local ring, out[2] compensation sums (each at most 256 bytes per tensor above the allocation),
-// out[3] a stock cache of the same context
+// out[3] a stock cache of the same context, out[4] the stock SWA cache of an iSWA model's sliding-window
+// layers (in both: the razor cache keeps it)
 void llama_razor_bytes_for(
         const llama_model & model,
  const llama_razor_config & cfg,
                 ggml_type   type_k,
                 ggml_type   type_v,
                      bool   unified,
+                     bool   swa_full,
                  uint32_t   kv_size,
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch,
-                  int64_t   out[4]);
+                  int64_t   out[5]);
 
 // sets cfg.n_window to the largest window whose cache fits cfg's budget for this context (no-op without a
 // budget); false when the budget covers the full cache (the stock cache fits), throws when even a window of
@@ -90,6 +103,7 @@ bool llama_razor_fit_budget(
        llama_razor_config & cfg,
                 ggml_type   type_k,
                 ggml_type   type_v,
+                     bool   swa_full,
       const llama_cparams & cparams);
 
 // reads the razor.* metadata (kv_overrides apply: razor.enabled, razor.n_sink, razor.window,
@@ -118,6 +132,7 @@ public:
         llama_pos g = -1; // every cached position in [n_sink, g] is in the stored sums
     };
 
+    // kv_swa: the stock cache of an iSWA model's sliding-window layers (nullptr for other models)
     llama_kv_cache_razor(
             const llama_model & model,
      const llama_razor_config & cfg,
@@ -127,7 +142,8 @@ public:
                          bool   unified,
                      uint32_t   kv_size,
                      uint32_t   n_seq_max,
-                     uint32_t   n_ubatch);
+                     uint32_t   n_ubatch,
+std::unique_ptr<llama_kv_cache> kv_swa);
 
     ~llama_kv_cache_razor() = default;
 
@@ -163,6 +179,7 @@ public:
 
     llama_kv_cache * get_retr() const { return kv_retr.get(); } // nullptr when no head is a retrieval head
     llama_kv_cache * get_loc () const { return kv_loc.get(); }
+    llama_kv_cache * get_swa () const { return kv_swa.get(); }  // nullptr unless the model is iSWA
 
     const llama_razor_config & get_config() const { return cfg; }
 
@@ -178,8 +195,9 @@ public:
     uint32_t get_n_margin() const { return n_margin; }
     uint32_t get_n_ubatch() const { return ring.n_ubatch; }
 
-    // bytes: retrieval cache, local ring, compensation state, and a stock cache of the same context
-    void kv_bytes(int64_t out[4]) const;
+    // bytes: retrieval cache, local ring, compensation state, a stock cache of the same context, and the stock
+    // SWA cache of an iSWA model (0 otherwise; counted in the stock equivalent too)
+    void kv_bytes(int64_t out[5]) const;
 
     // fold plan of one ubatch; computed in apply() once the ubatch has been placed in kv_loc
     struct fold_plan {
@@ -218,6 +236,7 @@ private:
 
     std::unique_ptr<llama_kv_cache> kv_retr;
     std::unique_ptr<llama_kv_cache> kv_loc;
+    std::unique_ptr<llama_kv_cache> kv_swa;
 
     std::vector<std::vector<int32_t>> perms;
     std::vector<std::vector<int32_t>> inv_perms;
@@ -263,6 +282,7 @@ public:
             llama_kv_cache_razor * kv,
             slot_info_vec_t sinfos_retr,
             slot_info_vec_t sinfos_loc,
+            slot_info_vec_t sinfos_swa,
             std::vector<llama_ubatch> ubatches);
 
     virtual ~llama_kv_cache_razor_context();
@@ -275,6 +295,7 @@ public:
 
     const llama_kv_cache_context * get_retr() const; // nullptr without retrieval heads
     const llama_kv_cache_context * get_loc () const;
+    const llama_kv_cache_context * get_swa () const; // nullptr unless the model is iSWA
 
     const llama_kv_cache_razor * get_razor() const { return kv; }
 
@@ -289,8 +310,11 @@ private:
 
     llama_memory_context_ptr ctx_retr;
     llama_memory_context_ptr ctx_loc;
+    llama_memory_context_ptr ctx_swa;
 
     llama_memory_status status;
+
+    llama_memory_status combined_status() const;
 
     llama_kv_cache_razor::fold_plan plan;
 };
@@ -329,6 +353,24 @@ public:
     std::vector<ggml_tensor *> inv_perm;
 };
 
+// iSWA models: the global layers run build_attn() over the razor input, the sliding-window layers over a stock
+// input of the SWA cache (llm_graph_input_attn_kv_iswa::razor_base / razor_swa)
+class llm_graph_input_attn_kv_iswa_razor : public llm_graph_input_attn_kv_iswa {
+public:
+    llm_graph_input_attn_kv_iswa_razor(
+            const llama_hparams & hparams,
+            const llama_cparams & cparams,
+            std::unique_ptr<llm_graph_input_attn_kv_razor> inp_razor,
+            std::unique_ptr<llm_graph_input_attn_kv>       inp_swa);
+
+    void set_input(const llama_ubatch * ubatch) override;
+
+    bool can_reuse(const llm_graph_params & params) override;
+
+    std::unique_ptr<llm_graph_input_attn_kv_razor> inp_razor;
+    std::unique_ptr<llm_graph_input_attn_kv>       inp_swa;
+};
+
 // extra graph nodes the razor attention needs (head permutation, fold, split attention), 0 without razor
 uint32_t llama_razor_n_graph_nodes(const llama_memory_i * mem);
 
@@ -337,6 +379,9 @@ void llama_razor_set_graph_sync(llama_memory_i * mem, std::function<void()> sync
 
 // the razor graph input, or nullptr when mctx is not a razor context
 llm_graph_input_attn_kv * llama_razor_build_attn_inp(const llm_graph_context & g, const llama_memory_context_i * mctx);
+
+// the same for an iSWA model's graph (build_attn_inp_kv_iswa), or nullptr when mctx is not a razor context
+llm_graph_input_attn_kv_iswa * llama_razor_build_attn_inp_iswa(const llm_graph_context & g, const llama_memory_context_i * mctx);
 
 // attention output [n_embd_head_v*n_head, n_tokens] of layer il, or nullptr for layers without local heads
 // (those run the stock path over the retrieval cache, which then holds all of their heads)

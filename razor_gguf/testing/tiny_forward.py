@@ -1,7 +1,9 @@
-"""Numpy forward pass of the tiny llama model, matching llama.cpp's math (src/models/llama.cpp).
+"""Numpy forward pass of the tiny models, matching llama.cpp's math (src/models/llama.cpp, gemma3.cpp).
 
 Attention goes through the razor oracle, so the same function gives stock logits (all heads
 retrieval, the default) and the logits the razor cache must produce (a head map, S, W, slack).
+A gemma3-style model's sliding-window layers are the oracle's local heads with no sinks, a window of
+n_swa and no compensation row: exactly llama.cpp's LLAMA_SWA_TYPE_STANDARD mask.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def rope_norm(x: Array, pos: npt.NDArray[np.int64], base: float) -> Array:
     return out
 
 
+def rope_neox(x: Array, pos: npt.NDArray[np.int64], base: float) -> Array:
+    """LLAMA_ROPE_TYPE_NEOX (gemma3): rotate the pairs (x[i], x[i + d/2]) by pos * base^(-2i/d)."""
+    d = x.shape[-1]
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = pos.astype(np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :].astype(x.dtype), np.sin(ang)[:, None, :].astype(x.dtype)
+    x0, x1 = x[..., : d // 2], x[..., d // 2 :]
+    return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+
+def gelu_ggml(x: Array) -> Array:
+    """ggml's CPU GELU (GGML_GELU_FP16): the tanh form looked up in an f16 table by the f16-rounded input."""
+    x16 = x.astype(np.float16).astype(np.float32)
+    y = 0.5 * x16 * (1.0 + np.tanh(np.float32(0.7978845608028654) * x16 * (1.0 + np.float32(0.044715) * x16 * x16)))
+    y = y.astype(np.float16).astype(np.float32)
+    return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, y)).astype(x.dtype)
+
+
 def forward(
     weights: dict[str, npt.NDArray[np.float32]],
     cfg: TinyConfig,
@@ -63,6 +83,9 @@ def forward(
     eps = float(np.float32(cfg.rms_eps))  # the GGUF stores eps as f32
     w = {n: a.astype(dt) for n, a in weights.items()}
 
+    if cfg.arch == "gemma3":
+        return _forward_gemma3(w, cfg, tok, pos, hm, n_sink, window, slack, reference, compensation, eps, dt)
+
     x = w["token_embd.weight"][tok]  # [T, n_embd]
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
@@ -78,5 +101,34 @@ def forward(
         g = h @ w[p + "ffn_gate.weight"].T
         u = h @ w[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T  # SwiGLU (LLM_FFN_SILU, PAR)
+    h = rms_norm(x, w["output_norm.weight"], eps)
+    return h @ w["output.weight"].T
+
+
+def _forward_gemma3(w, cfg: TinyConfig, tok, pos, hm, n_sink, window, slack, reference, compensation, eps, dt) -> Array:
+    t = len(tok)
+    x = w["token_embd.weight"][tok] * dt(np.sqrt(np.float32(cfg.n_embd)))
+    swa = cfg.swa_layers
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        h = rms_norm(x, w[p + "attn_norm.weight"], eps)
+        q = (h @ w[p + "attn_q.weight"].T).reshape(t, cfg.n_head, cfg.head_dim)
+        k = (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        v = (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q, k = rms_norm(q, w[p + "attn_q_norm.weight"], eps), rms_norm(k, w[p + "attn_k_norm.weight"], eps)
+        base = cfg.rope_base_swa if swa[i] else cfg.rope_base
+        q = rope_neox(q, pos, base) * dt(1.0 / np.sqrt(np.float32(cfg.head_dim)))
+        k = rope_neox(k, pos, base)
+        if swa[i]:  # every head sees the last n_swa positions: a local head without sinks or row
+            att = razor_attention(q, k, v, np.zeros(cfg.n_head_kv), 0, cfg.n_swa, positions=pos, scale=1.0,
+                                  reference=reference, compensation=False)
+        else:
+            att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, scale=1.0,
+                                  reference=reference, compensation=compensation)
+        a = att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
+        x = x + rms_norm(a, w[p + "post_attention_norm.weight"], eps)
+        h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
+        f = (gelu_ggml(h @ w[p + "ffn_gate.weight"].T) * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T
+        x = x + rms_norm(f, w[p + "post_ffw_norm.weight"], eps)
     h = rms_norm(x, w["output_norm.weight"], eps)
     return h @ w["output.weight"].T

@@ -1,4 +1,5 @@
-"""Write a tiny llama-architecture GGUF with random weights (fixed seed), for exact numeric tests.
+"""Write a tiny llama-architecture (or gemma3-style, with interleaved sliding-window layers) GGUF with random
+weights (fixed seed), for exact numeric tests.
 
 The model is small enough for a numpy forward pass (`tiny_forward.py`) to check llama.cpp's
 logits token by token. Weights are written in llama.cpp's own layout (Q/K rows already in the
@@ -38,10 +39,22 @@ class TinyConfig:
     qk_gain: float = 2.0  # >1 sharpens attention so eviction visibly changes the outputs
     n_filler: int = 0  # plain tokens after the byte tokens: a real model's vocab size, for speed runs
     q4_0: bool = False  # random Q4_0 matrices written block by block (speed runs at 7-8B shapes; no forward)
+    # "gemma3": scaled embeddings, q/k norms, post-norms, GELU, NEOX rope, and with n_swa > 0 a sliding window on
+    # every layer but each swa_pattern-th (llama.cpp's pattern rule: layer il slides when il % n < n - 1)
+    arch: str = "llama"
+    n_swa: int = 0
+    swa_pattern: int = 2
+    rope_base_swa: float = 10000.0
 
     @property
     def n_vocab(self) -> int:
         return N_SPECIAL + 256 + self.n_filler
+
+    @property
+    def swa_layers(self) -> list[bool]:
+        """Which layers use the sliding window (all False without one)."""
+        n = self.swa_pattern
+        return [self.n_swa > 0 and il % n < n - 1 for il in range(self.n_layer)]
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,9 @@ def tensor_shapes(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
                   p + "attn_output.weight": (cfg.n_embd, qd), p + "ffn_norm.weight": (cfg.n_embd,),
                   p + "ffn_gate.weight": (cfg.n_ff, cfg.n_embd), p + "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
                   p + "ffn_down.weight": (cfg.n_embd, cfg.n_ff)})
+        if cfg.arch == "gemma3":
+            s.update({p + "attn_q_norm.weight": (cfg.head_dim,), p + "attn_k_norm.weight": (cfg.head_dim,),
+                      p + "post_attention_norm.weight": (cfg.n_embd,), p + "post_ffw_norm.weight": (cfg.n_embd,)})
     s["output_norm.weight"] = (cfg.n_embd,)
     s["output.weight"] = (cfg.n_vocab, cfg.n_embd)
     return s
@@ -147,7 +163,9 @@ def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    w = GGUFWriter(str(tmp), "llama")
+    if cfg.arch not in ("llama", "gemma3"):
+        raise ValueError(f"tiny models are llama or gemma3, not {cfg.arch!r}")
+    w = GGUFWriter(str(tmp), cfg.arch)
     w.add_name(f"razor-tiny-{cfg.n_layer}L-{cfg.n_embd}-hd{cfg.head_dim}")
     w.add_context_length(cfg.n_ctx_train)
     w.add_embedding_length(cfg.n_embd)
@@ -160,6 +178,10 @@ def write_tiny_model(path: str | os.PathLike[str], cfg: TinyConfig = TinyConfig(
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
+    if cfg.n_swa:
+        w.add_sliding_window(cfg.n_swa)
+        w.add_sliding_window_pattern(cfg.swa_pattern)
+        w.add_rope_freq_base_swa(cfg.rope_base_swa)
     w.add_vocab_size(cfg.n_vocab)
     w.add_file_type(LlamaFileType.MOSTLY_Q4_0 if cfg.q4_0 else LlamaFileType.MOSTLY_F16 if cfg.f16 else
                     LlamaFileType.ALL_F32)
@@ -206,22 +228,28 @@ def config_from_gguf(path: str | os.PathLike[str]) -> TinyConfig:
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
 
-    def val(key: str):
-        return r.fields[key].contents()
+    def val(key: str, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
 
     return dataclasses.replace(
         TinyConfig(),
-        n_layer=int(val("llama.block_count")),
-        n_embd=int(val("llama.embedding_length")),
-        n_head=int(val("llama.attention.head_count")),
-        n_head_kv=int(val("llama.attention.head_count_kv")),
-        head_dim=int(val("llama.attention.key_length")),
-        n_ff=int(val("llama.feed_forward_length")),
-        n_ctx_train=int(val("llama.context_length")),
-        rope_base=float(val("llama.rope.freq_base")),
-        rms_eps=float(val("llama.attention.layer_norm_rms_epsilon")),
+        arch=arch,
+        n_layer=int(val("block_count")),
+        n_embd=int(val("embedding_length")),
+        n_head=int(val("attention.head_count")),
+        n_head_kv=int(val("attention.head_count_kv")),
+        head_dim=int(val("attention.key_length")),
+        n_ff=int(val("feed_forward_length")),
+        n_ctx_train=int(val("context_length")),
+        rope_base=float(val("rope.freq_base")),
+        rms_eps=float(val("attention.layer_norm_rms_epsilon")),
         n_filler=len(r.fields["tokenizer.ggml.tokens"].data) - N_SPECIAL - 256,
+        n_swa=int(val("attention.sliding_window", 0)),
+        swa_pattern=int(val("attention.sliding_window_pattern", 2)),
+        rope_base_swa=float(val("rope.freq_base_swa", 10000.0)),
     )
 
 
