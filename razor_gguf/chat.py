@@ -32,6 +32,18 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def parse_transcript(data: Any) -> tuple[str | None, list[dict[str, str]]]:
+    """(system prompt, messages) of a razor-gguf-chat/1 transcript (what /save and the chat page's Export
+    write); ValueError when data is not one."""
+    msgs = data.get("messages") if isinstance(data, dict) else None
+    ok = (isinstance(data, dict) and data.get("format") == TRANSCRIPT_FORMAT and isinstance(msgs, list)
+          and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs)
+          and (data.get("system") is None or isinstance(data["system"], str)))
+    if not ok:
+        raise ValueError(f"not a {TRANSCRIPT_FORMAT} transcript")
+    return data.get("system"), [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
 @dataclass
 class Reply:
     text: str = ""
@@ -171,15 +183,10 @@ class ChatSession:
             raise UserError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: not a transcript ({str(e).splitlines()[0]})") from None
-        msgs = data.get("messages") if isinstance(data, dict) else None
-        ok = (isinstance(data, dict) and data.get("format") == TRANSCRIPT_FORMAT and isinstance(msgs, list)
-              and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                      for m in msgs)
-              and (data.get("system") is None or isinstance(data["system"], str)))
-        if not ok:
-            raise UserError(f"{path}: not a {TRANSCRIPT_FORMAT} transcript")
-        self.system = data.get("system")
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        try:
+            self.system, self.messages = parse_transcript(data)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
         self.last = None
 
 
@@ -294,6 +301,10 @@ class Terminal:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .errors import error
 
+    if args.web:
+        from .serve import serve_page
+
+        return serve_page(args)
     try:
         if args.max_tokens < 1:
             raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -314,4 +325,6 @@ def add_subcommand(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=512, metavar="N", help="longest reply (default 512)")
     p.add_argument("--temp", type=float, default=0.7, help="sampling temperature (0: greedy; default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--web", action="store_true",
+                   help="chat in the browser instead: serve the chat page on 127.0.0.1 and open it")
     p.set_defaults(func=cmd_chat)

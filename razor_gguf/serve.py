@@ -1,16 +1,19 @@
 """`razor-gguf serve MODEL.gguf`: llama-cpp-python's OpenAI-compatible server on the razor-patched
-libraries, loopback by default, with the razor options as flags / RAZOR_* variables and the KV-cache
-figures at GET /v1/razor/stats.
+libraries, loopback by default, with the razor options as flags / RAZOR_* variables, the KV-cache
+figures at GET /v1/razor/stats, the razor switch at POST /v1/razor/switch and the chat page at /.
 
 The server itself is llama-cpp-python's (llama_cpp.server): routes, streaming, errors and the OpenAI
 schema are upstream's. The razor options reach llama.cpp as kv_overrides, so the models it creates run
-the razor cache whenever the GGUF has a head map.
+the razor cache whenever the GGUF has a head map. The chat page (razor_gguf/web) is one more client of
+that API.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -27,18 +30,32 @@ def kv_override_strings(overrides: dict[str, Any]) -> list[str]:
     return out
 
 
+WEB_DIR = pathlib.Path(__file__).resolve().parent / "web"
+
+# the chat page loads nothing but its own files and talks only to this server
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 class RequestValidation:
     """ASGI middleware: reject a malformed JSON body, or one that does not fit the OpenAI request schema,
-    with a 400 and an OpenAI-style error naming the problem, before it reaches the route.
+    with a 400 and an OpenAI-style error naming the problem, before it reaches the route; and name the
+    served model by its alias in what the route returns (llama-cpp-python would put the server's local
+    file path in a completion's `model` field when the request names none).
 
     llama_cpp.server's route wrapper turns every exception into a 500, including unparsable JSON and
     schema errors; clients deserve a 4xx that says what is wrong."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, alias: str | None = None) -> None:
         from llama_cpp.server.types import (CreateChatCompletionRequest, CreateCompletionRequest,
                                             CreateEmbeddingRequest)
 
         self.app = app
+        self.alias = alias
         self.schemas = {"/v1/chat/completions": CreateChatCompletionRequest,
                         "/v1/completions": CreateCompletionRequest,
                         "/v1/engines/copilot-codex/completions": CreateCompletionRequest,
@@ -82,6 +99,9 @@ class RequestValidation:
 
             error = {"message": bad[0], "type": "invalid_request_error", "param": bad[1], "code": None}
             return await JSONResponse({"error": error}, status_code=400)(scope, receive, send)
+        if self.alias:
+            # one model per server: whatever the client called it, the reply names it by its alias
+            body = json.dumps({**json.loads(body), "model": self.alias}).encode()
         replayed = False
 
         async def replay():
@@ -132,7 +152,7 @@ def build_app(args: argparse.Namespace):
             app = create_app(server_settings=server_settings, model_settings=[model_settings])
     except ValueError as e:
         raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
-    app.add_middleware(RequestValidation)
+    app.add_middleware(RequestValidation, alias=model_settings.model_alias)
     llm = current_model()
     llm._razor_overrides = overrides  # what razor_stats reports as the settings in effect
     why = None if razor["razor"] is False else razor_fallback_reason(llm, tap.lines)
@@ -147,9 +167,69 @@ def build_app(args: argparse.Namespace):
         # Read without the server's request lock: the sizes are fixed at load time, and taking the lock
         # would queue behind (or, with interrupt_requests, cut off) a running completion.
         m = current_model()
-        return {"model": model_settings.model_alias, **razor_stats(m, razor["kv_budget"]), "n_ctx": m.n_ctx()}
+        return {"model": model_settings.model_alias, **razor_stats(m, razor["kv_budget"]), "n_ctx": m.n_ctx(),
+                "n_past": m.n_tokens}
 
+    async def switch_razor(request):
+        """Reload the model with the razor KV cache on or off (body {"razor": true|false}); waits for a running
+        completion. The conversation lives with the client, which sends it whole with its next request.
+        Returns the new /v1/razor/stats, or 409 when razor cannot run for this model and context."""
+        import contextlib
+
+        from fastapi.concurrency import run_in_threadpool
+        from llama_cpp.server.app import get_llama_proxy
+        from starlette.responses import JSONResponse
+
+        if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
+            return JSONResponse({"error": {"message": "this server needs its API key (Authorization: Bearer KEY)",
+                                           "type": "authentication_error", "param": None, "code": None}},
+                                status_code=401)
+        try:
+            on = (await request.json())["razor"]
+            if not isinstance(on, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": {"message": 'the body must be {"razor": true} or {"razor": false}',
+                                           "type": "invalid_request_error", "param": "razor", "code": None}},
+                                status_code=400)
+        async with contextlib.asynccontextmanager(get_llama_proxy)() as proxy:
+            why = await run_in_threadpool(_reload, proxy, model_settings, overrides, on, args.verbose)
+            m = proxy._current_model
+            stats = {"model": model_settings.model_alias, **razor_stats(m, razor["kv_budget"]), "n_ctx": m.n_ctx(),
+                     "n_past": m.n_tokens}
+        if why:
+            return JSONResponse({"error": {"message": why, "type": "razor_unavailable", "param": "razor", "code": None},
+                                 **stats}, status_code=409)
+        return JSONResponse(stats)
+
+    app.add_route("/v1/razor/switch", switch_razor, methods=["POST"])
+
+    @app.get("/", include_in_schema=False)
+    def chat_page():
+        from starlette.responses import FileResponse
+
+        return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
+
+    from starlette.staticfiles import StaticFiles
+
+    app.mount("/ui", StaticFiles(directory=WEB_DIR), name="ui")
     return app, razor_stats(llm, razor["kv_budget"])
+
+
+def _reload(proxy, model_settings, overrides: dict[str, Any], on: bool, verbose: bool) -> str | None:
+    """Replace the served model by one with razor.enabled = on (llama_cpp.server's proxy reloads it from the
+    updated settings). Returns why razor does not run when it was asked for, else None."""
+    from .llama import RazorLogTap, razor_fallback_reason
+
+    ov = {**overrides, "razor.enabled": on}
+    model_settings.kv_overrides = kv_override_strings(ov)
+    if proxy._current_model is not None:
+        proxy._current_model.close()
+    proxy._current_model = proxy._current_model_alias = None
+    with RazorLogTap(verbose=verbose) as tap:
+        llm = proxy(model_settings.model_alias)
+    llm._razor_overrides = ov
+    return razor_fallback_reason(llm, tap.lines) if on else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -170,6 +250,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"razor-gguf serve: {args.model} on http://{args.host}:{args.port}/v1 ({kv})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def serve_page(args: argparse.Namespace) -> int:
+    """`razor-gguf chat MODEL --web`: the server on a free loopback port (RAZOR_PORT if set), and the chat page
+    opened in the default browser once it answers."""
+    import socket
+    import threading
+    import time
+    import webbrowser
+
+    from .errors import error
+
+    try:
+        port = _env("RAZOR_PORT", int, 0)
+    except UserError as e:
+        return error(str(e))
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    args.host, args.port, args.api_key, args.model_alias, args.chat_format = "127.0.0.1", port, None, None, None
+    args.verbose = getattr(args, "verbose", False)
+    url = f"http://127.0.0.1:{port}/"
+
+    def open_when_up() -> None:
+        for _ in range(600):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        print(f"razor-gguf chat: the chat page is at {url}", file=sys.stderr, flush=True)
+        webbrowser.open(url)
+
+    threading.Thread(target=open_when_up, daemon=True).start()
+    return cmd_serve(args)
 
 
 def add_subcommand(sub) -> None:
