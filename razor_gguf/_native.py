@@ -36,6 +36,10 @@ class NativeLibraryError(RuntimeError):
     """The patched libraries are missing or do not match the installed binding."""
 
 
+class RpcServerError(ValueError):
+    """An RPC worker address that is malformed or does not answer."""
+
+
 def lib_dir() -> pathlib.Path:
     env = os.environ.get("RAZOR_GGUF_LIB_PATH")
     if env:
@@ -203,3 +207,65 @@ def window(ctx) -> tuple[int, int] | None:
     if not lib.llama_razor_window(ffi.cast("void *", _ctx_ptr(ctx)), s, w):
         return None
     return int(s[0]), int(w[0])
+
+
+# ----------------------------------------------------------------------------------------------- RPC
+
+_GGML_CDEF = """
+void * ggml_backend_reg_by_name(const char * name);
+void * ggml_backend_reg_get_proc_address(void * reg, const char * name);
+void   ggml_backend_register(void * reg);
+"""
+_rpc_registered: set[str] = set()
+
+
+def parse_rpc_servers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """["HOST:PORT", ...] from "HOST:PORT[,HOST:PORT...]" or a list; RpcServerError for a malformed one."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (x.strip() for x in items):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RpcServerError(f"RPC worker '{item}' is not HOST:PORT")
+        out.append(f"{host.strip('[]')}:{int(port)}")
+    if not out:
+        raise RpcServerError("no RPC worker given")
+    return out
+
+
+def check_rpc_servers(endpoints: str | list[str], timeout: float = 5.0) -> list[str]:
+    """The parsed endpoints, once each accepts a TCP connection; RpcServerError naming the first that does not."""
+    import socket
+
+    out = parse_rpc_servers(endpoints)
+    for e in out:
+        host, port = e.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                pass
+        except OSError as err:
+            raise RpcServerError(f"RPC worker {e} does not answer ({err.strerror or err})") from None
+    return out
+
+
+def add_rpc_servers(endpoints: str | list[str], timeout: float = 5.0) -> None:
+    """Register llama.cpp RPC workers (razor-rpc-server) as devices of this process, before a model loads:
+    llama.cpp then places offloaded layers (n_gpu_layers) on them. Each worker is first reached over TCP,
+    because ggml-rpc aborts the whole process on a worker it cannot connect to."""
+    todo = [e for e in parse_rpc_servers(endpoints) if e not in _rpc_registered]
+    if not todo:
+        return
+    check_rpc_servers(todo, timeout)
+    ffi = cffi.FFI()
+    ffi.cdef(_GGML_CDEF)
+    ggml = ffi.dlopen(str(lib_dir() / _lib_file(lib_dir()).name.replace("llama", "ggml")))
+    reg = ggml.ggml_backend_reg_by_name(b"RPC")
+    if reg == ffi.NULL:
+        raise NativeLibraryError("these libraries were built without the RPC backend (RAZOR_RPC=OFF)")
+    add = ffi.cast("void * (*)(const char *)", ggml.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server"))
+    for e in todo:
+        r = add(e.encode())
+        if r == ffi.NULL:
+            raise RpcServerError(f"RPC worker {e} serves no device")
+        ggml.ggml_backend_register(r)
+        _rpc_registered.add(e)

@@ -17,7 +17,7 @@ import time
 
 from .errors import UserError, error
 from .machine import machine_info
-from .options import add_kv_budget_argument, flag_razor_overrides
+from .options import add_kv_budget_argument, add_rpc_argument, flag_razor_overrides
 
 # mode -> (razor cache on, KV cache type: None = llama.cpp's default F16, 8 = GGML_TYPE_Q8_0).
 # A quantized V cache needs flash attention in the pinned llama.cpp; the bench always turns it on.
@@ -28,6 +28,7 @@ MODES = {
     "razor_q8_0": (True, 8),
 }
 DEFAULT_MODES = "full,razor,razor_q8_0"
+RPC = "@rpc"  # with --rpc every mode also runs on the RPC workers, as MODE@rpc
 MIN_CTX = 64
 MIN_PROMPT = 32  # a prefill shorter than this measures overhead, not throughput
 SEED = 0
@@ -54,17 +55,21 @@ def run_one(spec: dict) -> dict:
     from . import _native
     from .llama import Llama, RazorUnavailableError
 
-    razor, kv_type = MODES[spec["mode"]]
+    razor, kv_type = MODES[spec["mode"].removesuffix(RPC)]
     overrides: dict = {"razor.enabled": razor}
     if razor:
         overrides.update(spec["razor_overrides"])
     kw = {"type_k": kv_type, "type_v": kv_type} if kv_type is not None else {}
+    n_gpu_layers = spec["n_gpu_layers"]
+    if spec["mode"].endswith(RPC):  # every layer on the workers
+        kw["rpc_servers"] = spec["rpc"]
+        n_gpu_layers = -1
     n_ctx = spec["ctx"]
     try:
         # razor=True: a context that cannot run razor raises, with llama.cpp's reason
         llm = Llama(
             model_path=spec["model"], n_ctx=n_ctx, n_batch=spec["n_ubatch"], n_ubatch=spec["n_ubatch"],
-            flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=spec["n_gpu_layers"],
+            flash_attn=True, n_threads=spec["n_threads"], n_gpu_layers=n_gpu_layers,
             swa_full=spec.get("swa_full", False), kv_overrides=overrides, razor=razor, verbose=False, **kw,
         )
     except RazorUnavailableError as e:
@@ -183,18 +188,27 @@ def _spawn(spec: dict) -> dict:
 
 
 def _ratios(runs: list[dict]) -> list[dict]:
-    """Every mode against the stock F16 cache ("full") at the same context, when that ran."""
-    full = {r["ctx"]: r for r in runs if r["mode"] == "full"}
-    runs = [r for r in runs if r["supported"]]
+    """Every mode against the stock F16 cache ("full") at the same context and place (here, or full@rpc on the
+    RPC workers), and every MODE@rpc against MODE here, when those ran."""
+    by = {(r["mode"], r["ctx"]): r for r in runs if r["supported"]}
 
     def div(a, b):
         return a / b if a is not None and b else None
 
-    return [{"ctx": r["ctx"], "mode": r["mode"], "baseline": "full",
-             "kv_fraction": div(r["kv_bytes"], full[r["ctx"]]["kv_bytes"]),
-             "prefill_ratio": div(r["prefill_tps"], full[r["ctx"]]["prefill_tps"]),
-             "decode_speedup": div(r["decode_tps"], full[r["ctx"]]["decode_tps"])}
-            for r in runs if r["mode"] != "full" and r["ctx"] in full]
+    out = []
+    for (mode, ctx), r in by.items():
+        pairs = [("full" + RPC if mode.endswith(RPC) else "full", mode)]
+        if mode.endswith(RPC):
+            pairs.append((mode.removesuffix(RPC), mode))
+        for base, _ in pairs:
+            b = by.get((base, ctx))
+            if b is None or base == mode:
+                continue
+            out.append({"ctx": ctx, "mode": mode, "baseline": base,
+                        "kv_fraction": div(r["kv_bytes"], b["kv_bytes"]),
+                        "prefill_ratio": div(r["prefill_tps"], b["prefill_tps"]),
+                        "decode_speedup": div(r["decode_tps"], b["decode_tps"])})
+    return out
 
 
 def format_table(res: dict) -> str:
@@ -216,7 +230,7 @@ def format_table(res: dict) -> str:
     for why in sorted({r["reason"] for r in res["runs"] if not r["supported"]}):
         lines.append(f"not run: {why}")
     for q in res["ratios"]:
-        lines.append(f"{q['mode']} vs full at ctx {q['ctx']}: KV x{f(q['kv_fraction'], '.3f')}, "
+        lines.append(f"{q['mode']} vs {q['baseline']} at ctx {q['ctx']}: KV x{f(q['kv_fraction'], '.3f')}, "
                      f"prefill x{f(q['prefill_ratio'], '.2f')}, decode x{f(q['decode_speedup'], '.2f')}")
     return "\n".join(lines)
 
@@ -236,6 +250,7 @@ def bench(
     retrieval_ratio: float | None = None,
     kv_budget: float | str | None = None,
     swa_full: bool = False,
+    rpc: str | list[str] | None = None,
 ) -> dict:
     """Measure every mode at every context length, each in a fresh worker process.
 
@@ -243,13 +258,22 @@ def bench(
     Razor options left at None take the model's metadata; kv_budget sets the window per context.
     swa_full: sliding-window models keep a full-size SWA cache (llama-cpp-python's default) instead of
     window + ubatch cells (llama.cpp's own tools' default, used here for every mode alike).
+    rpc: llama.cpp RPC workers ("HOST:PORT,..."): every mode runs here and, as MODE@rpc, with every layer on them.
     """
     razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
+    if rpc:
+        from . import _native
+
+        try:
+            rpc = _native.check_rpc_servers(rpc)  # every worker answers before the first run (each run registers them)
+        except _native.RpcServerError as e:
+            raise UserError(f"--rpc: {e}") from None
+        modes = modes + [m + RPC for m in modes]
     settings = {
         "modes": modes, "ctx": list(ctx), "n_decode": None if kv_only else n_decode,
         "kv_only": kv_only, "n_batch": n_ubatch, "n_ubatch": n_ubatch, "flash_attn": True,
-        "n_threads": threads or os.cpu_count(), "n_gpu_layers": n_gpu_layers, "swa_full": swa_full,
+        "n_threads": threads or os.cpu_count(), "n_gpu_layers": n_gpu_layers, "swa_full": swa_full, "rpc": rpc,
         "razor_overrides": overrides, "prompt": f"random ids in [100, min(n_vocab, 30000)), seed {SEED}",
     }
     res = {"model": os.path.abspath(model), "machine": machine_info(), "settings": settings, "runs": []}
@@ -259,7 +283,8 @@ def bench(
             t0 = time.perf_counter()
             run = _spawn({"model": res["model"], "mode": mode, "ctx": n, "n_decode": n_decode,
                           "kv_only": kv_only, "n_ubatch": n_ubatch, "n_threads": settings["n_threads"],
-                          "n_gpu_layers": n_gpu_layers, "swa_full": swa_full, "razor_overrides": overrides})
+                          "n_gpu_layers": n_gpu_layers, "swa_full": swa_full, "rpc": rpc,
+                          "razor_overrides": overrides})
             res["runs"].append(run)
             if not run["supported"]:
                 print(f"bench: {mode} at ctx {n}: not run: {run['reason']}", file=sys.stderr, flush=True)
@@ -311,7 +336,7 @@ def cmd_bench(args) -> int:
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
-                    kv_budget=args.kv_budget, swa_full=args.swa_full)
+                    kv_budget=args.kv_budget, swa_full=args.swa_full, rpc=args.rpc)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -340,6 +365,7 @@ def add_subcommand(sub) -> None:
     b.add_argument("--n-ubatch", type=int, default=512,
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")
     b.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to a GPU backend (default 0)")
+    add_rpc_argument(b)
     b.add_argument("--swa-full", action="store_true",
                    help="sliding-window models: a full-size SWA cache in every mode (default: window + ubatch "
                         "cells, as llama.cpp's own tools)")

@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
+    from .rpc import add_subcommand as _add_rpc
+
+    _add_rpc(sub)
+
     demo = sub.add_parser("demo", help="fetch SmolLM2 and run a short greedy completion")
     demo.set_defaults(func=_cmd_demo)
     return ap

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
-from .options import add_kv_budget_argument, flag_razor_overrides
+from .options import add_kv_budget_argument, add_rpc_argument, flag_razor_overrides, rpc_kwargs
 
 TASKS = ("passkey", "niah", "kld")
 DEFAULT_LENGTHS = (1024, 2048, 4096)
@@ -57,6 +57,7 @@ class Settings:
     threads: int | None = None
     seed: int = 0
     progress: bool = True
+    rpc: list[str] | None = None  # llama.cpp RPC workers: every layer on them
 
 
 # ---------------------------------------------------------------------------------------- contexts
@@ -75,6 +76,8 @@ def load(s: Settings, mode: Mode, n_ctx: int, **extra):
                               verbose=False, **extra)
     if s.threads:
         kw.update(n_threads=s.threads, n_threads_batch=s.threads)
+    if s.rpc:
+        kw.update(rpc_servers=s.rpc, n_gpu_layers=-1)
     razor = dict(mode.razor)
     if mode.name == "razor":
         if s.kv_budget is not None:
@@ -447,16 +450,20 @@ def settings_from_args(args) -> Settings:
                     depths=_floats(args.depths, "depths", 0.0, 1.0),
                     ratios=_floats(args.ratios, "ratios", 0.0, 1.0), modes=modes, window=args.window,
                     n_sink=args.n_sink, compensation=args.compensation, kv_budget=args.kv_budget, n_ubatch=args.n_ubatch,
-                    threads=args.threads, seed=args.seed, progress=not args.no_progress)
+                    threads=args.threads, seed=args.seed, progress=not args.no_progress,
+                    rpc=rpc_kwargs(args.rpc, 0).get("rpc_servers"))
 
 
 def cmd_eval(args) -> int:
+    from . import _native
     from .errors import error
 
     try:
         s = settings_from_args(args)
         res = evaluate(s)
     except UserError as e:
+        return error(str(e))
+    except _native.RpcServerError as e:
         return error(str(e))
     except ValueError as e:  # llama-cpp-python's load failures
         return error(f"{args.model}: {str(e).splitlines()[0]}")
@@ -489,6 +496,7 @@ def add_subcommand(sub) -> None:
                    help="razor modes: keep the compensation row (default: on, SPEC section 1)")
     p.add_argument("--n-ubatch", type=int, default=256, help="ubatch size (default 256)")
     p.add_argument("--threads", type=int, help="CPU threads (default: llama-cpp-python's)")
+    add_rpc_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the keys and needles (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--plot", metavar="OUT.png", help="draw the results (heatmaps, or KLD against position)")

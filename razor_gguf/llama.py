@@ -128,6 +128,10 @@ class Llama(_llama_cpp.Llama):
              size ("96MiB", "1.5GiB"): sets the window for this context (not together with window;
              retrieval heads always keep every token). A budget below the smallest razor cache of the
              context is a ValueError naming the smallest.
+    rpc_servers: llama.cpp RPC workers (`razor-gguf rpc-server`), ["HOST:PORT", ...] or "HOST:PORT,...",
+             registered as devices before the model loads; layers offloaded with n_gpu_layers are split
+             across them (and their KV cache, razor's included, lives there). A worker that does not answer
+             is a ValueError (_native.RpcServerError). The RPC protocol has no authentication.
 
     A model without a head map runs the full cache, with a one-line notice on stderr.
     Prefix reuse across calls is llama-cpp-python's: when the razor cache cannot drop the old tail
@@ -136,7 +140,10 @@ class Llama(_llama_cpp.Llama):
 
     def __init__(self, model_path: str, *args: Any, razor: bool | None = None, n_sink: int | None = None,
                  window: int | None = None, retrieval_ratio: float | None = None,
-                 compensation: bool | None = None, kv_budget: float | str | None = None, **kwargs: Any) -> None:
+                 compensation: bool | None = None, kv_budget: float | str | None = None,
+                 rpc_servers: str | list[str] | None = None, **kwargs: Any) -> None:
+        if rpc_servers:
+            _native.add_rpc_servers(rpc_servers)
         ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget)
         theirs = dict(kwargs.pop("kv_overrides", None) or {})
         clash = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])

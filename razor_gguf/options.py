@@ -49,6 +49,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (-1: all)")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
                    help="flash attention (default on)")
+    add_rpc_argument(p)
     g = p.add_argument_group("razor (environment variables RAZOR, RAZOR_N_SINK, RAZOR_WINDOW, "
                              "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION, RAZOR_KV_BUDGET set the defaults)")
     g.add_argument("--razor", action=argparse.BooleanOptionalAction, default=None,
@@ -61,6 +62,27 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
     g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="the compensation row of evicted tokens (default: on)")
     add_kv_budget_argument(g)
+
+
+def add_rpc_argument(p) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="llama.cpp RPC workers (razor-gguf rpc-server) to split the layers across; all layers go "
+                        "there unless --n-gpu-layers says otherwise. The RPC protocol has no authentication: "
+                        "trusted networks only")
+
+
+def rpc_kwargs(rpc: str | None, n_gpu_layers: int) -> dict[str, Any]:
+    """rpc_servers and n_gpu_layers for razor_gguf.Llama from --rpc: every layer on the workers unless
+    --n-gpu-layers was given (its default 0 would leave them all here)."""
+    if not rpc:
+        return {}
+    from . import _native
+
+    try:
+        servers = _native.parse_rpc_servers(rpc)
+    except _native.RpcServerError as e:
+        raise UserError(f"--rpc: {e}") from None
+    return {"rpc_servers": servers, "n_gpu_layers": n_gpu_layers or -1}
 
 
 def add_kv_budget_argument(p) -> None:
@@ -92,7 +114,7 @@ def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.n_batch < 1:
         raise UserError(f"--n-batch must be at least 1, got {args.n_batch}")
     kw: dict[str, Any] = {"n_ctx": args.ctx, "n_batch": args.n_batch, "n_gpu_layers": args.n_gpu_layers,
-                          "flash_attn": args.flash_attn}
+                          "flash_attn": args.flash_attn, **rpc_kwargs(args.rpc, args.n_gpu_layers)}
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -114,7 +136,11 @@ def load_model(path: str, **kwargs: Any):
     check_model_file(path)
     from .llama import Llama
 
+    from ._native import RpcServerError
+
     try:
         return Llama(model_path=path, verbose=False, **kwargs)
+    except RpcServerError as e:
+        raise UserError(str(e)) from None
     except ValueError as e:  # llama-cpp-python reports load failures and bad options as ValueError
         raise UserError(f"{path}: {str(e).splitlines()[0]}") from None

@@ -139,6 +139,11 @@ def build_app(args: argparse.Namespace):
     razor = razor_kwargs(args)
     overrides = flag_razor_overrides(**razor)
     kw = llama_kwargs(args)
+    if kw.get("rpc_servers"):  # process-wide devices: the proxy's models load onto them
+        try:
+            _native.add_rpc_servers(kw.pop("rpc_servers"))
+        except _native.RpcServerError as e:
+            raise UserError(str(e)) from None
     model_settings = ModelSettings(
         model=args.model, model_alias=args.model_alias or os.path.splitext(os.path.basename(args.model))[0],
         n_ctx=kw["n_ctx"], n_batch=kw["n_batch"], n_gpu_layers=kw["n_gpu_layers"], flash_attn=kw["flash_attn"],
