@@ -6,7 +6,7 @@ so no full [T, T] matrix is ever materialized. A hook receives the post-softmax 
 chunk, which is all head scoring needs.
 
 Supported architectures: llama and mistral (Q/K stored permuted for llama.cpp's NORM rope, i.e. rotation
-of adjacent pairs; Llama 3.x's rope_freqs factors), qwen2 (q/k/v biases, NEOX rope), qwen3 (per-head q/k
+of adjacent pairs; Llama 3.x's rope_freqs factors; Mixtral-style mixture-of-experts FFNs), qwen2 (q/k/v biases, NEOX rope), qwen3 (per-head q/k
 RMSNorm, NEOX rope), phi3 (fused QKV and gate/up projections, NEOX rope, LongRoPE's short/long factors) and
 gemma3 (scaled embeddings, q/k norms, post-norms, GELU, interleaved sliding-window layers). Rope scaling:
 none, linear and YaRN (as ggml's rope_yarn computes it).
@@ -64,6 +64,8 @@ class HParams:
     rope_mscale: float = 1.0  # cos/sin scale: YaRN's, or rope.scaling.attn_factor (LongRoPE)
     n_ctx_orig: int = 0  # rope.scaling.original_context_length: LongRoPE's long factors apply beyond it
     logit_softcap: float = 0.0
+    n_expert: int = 0  # mixture-of-experts FFN (Mixtral-style llama GGUFs): experts, and those used per token
+    n_expert_used: int = 0
 
     @property
     def neox(self) -> bool:
@@ -110,6 +112,13 @@ def read_hparams(reader) -> HParams:
     if scaling == "yarn" and factor > 1.0:
         _set_yarn(hp, factor, hp.n_ctx_orig, attn_factor)
     hp.swa_layers = [False] * n_layer
+    hp.n_expert = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    hp.n_expert_used = int(_field(reader, f"{arch}.expert_used_count", 0) or 0)
+    if hp.n_expert and (arch not in ("llama", "mistral") or not 0 < hp.n_expert_used <= hp.n_expert):
+        raise ReferenceError(f"{arch}: a mixture of {hp.n_expert} experts ({hp.n_expert_used} used) is not "
+                             "supported by the reference pass (only Mixtral-style llama GGUFs)")
+    if float(_field(reader, f"{arch}.expert_weights_scale", 0.0) or 0.0) not in (0.0, 1.0):
+        raise ReferenceError(f"{arch}.expert_weights_scale is not supported by the reference pass")
     hp.logit_softcap = float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0)
     if arch == "gemma3":
         # llama.cpp (models/gemma3.cpp): a sliding window on all layers but every 6th (or an explicit
@@ -180,6 +189,23 @@ def _rms_norm(x, w, eps):
     import torch
 
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _moe_ffn(h, L, n_used):
+    """llama.cpp's build_moe_ffn for Mixtral-style llama models: softmax over the router's logits, the top
+    n_used experts, their weights renormalized to sum 1, SwiGLU experts. h [T, n_embd]."""
+    import torch
+
+    probs = torch.softmax(h @ L["router"].T, dim=-1)  # [T, n_expert]
+    w, sel = probs.topk(n_used, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(h)
+    for e in sel.unique().tolist():
+        rows, slot = (sel == e).nonzero(as_tuple=True)
+        x = h[rows]
+        y = (torch.nn.functional.silu(x @ L["gate_exps"][e].T) * (x @ L["up_exps"][e].T)) @ L["down_exps"][e].T
+        out.index_add_(0, rows, y * w[rows, slot][:, None])
+    return out
 
 
 def _rope(x, pos, dim, base, scale, neox, freq_factors=None, yarn=None, mscale=1.0):
@@ -261,7 +287,11 @@ class ReferenceModel:
             names = {k: v for k, v in names.items() if k not in fused}
         else:
             fused = {}
-        if not self.w.has(p + "ffn_gate.weight"):  # phi3: ffn_up holds [gate; up] (llama.cpp's fused SWIGLU)
+        if hp.n_expert:  # Mixtral: a router and stacked experts instead of one FFN
+            names = {k: v for k, v in names.items() if k not in ("gate", "up", "down")}
+            names.update(router="ffn_gate_inp.weight", gate_exps="ffn_gate_exps.weight",
+                         up_exps="ffn_up_exps.weight", down_exps="ffn_down_exps.weight")
+        elif not self.w.has(p + "ffn_gate.weight"):  # phi3: ffn_up holds [gate; up] (llama.cpp's fused SWIGLU)
             up = self.w.get(p + "ffn_up.weight")
             fused.update(gate=up[: up.shape[0] // 2], up=up[up.shape[0] // 2:])
             names = {k: v for k, v in names.items() if k not in ("gate", "up")}
@@ -354,9 +384,12 @@ class ReferenceModel:
                     attn = _rms_norm(attn, L["attn_post_norm"], hp.rms_eps)
                 x = x + attn
                 h = _rms_norm(x, L["ffn_norm"], hp.rms_eps)
-                gate = h @ L["gate"].T
-                act = torch.nn.functional.gelu(gate, approximate="tanh") if hp.arch == "gemma3" else torch.nn.functional.silu(gate)
-                f = (act * (h @ L["up"].T)) @ L["down"].T
+                if hp.n_expert:
+                    f = _moe_ffn(h, L, hp.n_expert_used)
+                else:
+                    gate = h @ L["gate"].T
+                    act = torch.nn.functional.gelu(gate, approximate="tanh") if hp.arch == "gemma3" else torch.nn.functional.silu(gate)
+                    f = (act * (h @ L["up"].T)) @ L["down"].T
                 if "ffn_post_norm" in L:
                     f = _rms_norm(f, L["ffn_post_norm"], hp.rms_eps)
                 x = x + f

@@ -142,6 +142,26 @@ def test_unsupported_arch_rejected(tmp_path):
         read_hparams(gguf.GGUFReader(str(p)))
 
 
+def test_unsupported_mixture_of_experts_rejected(tmp_path):
+    """Experts outside Mixtral-style llama GGUFs (a qwen2 MoE here) are refused in one line naming them."""
+    import gguf
+
+    from razor_gguf.reference import ReferenceError
+
+    p = tmp_path / "qwen2moe.gguf"
+    w = gguf.GGUFWriter(str(p), arch="qwen2")
+    for key, v in (("block_count", 1), ("embedding_length", 8), ("attention.head_count", 2), ("vocab_size", 16),
+                   ("expert_count", 4), ("expert_used_count", 2)):
+        w.add_uint32(f"qwen2.{key}", v)
+    w.add_tensor("x", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ReferenceError, match=r"qwen2: a mixture of 4 experts \(2 used\) is not supported"):
+        read_hparams(gguf.GGUFReader(str(p)))
+
+
 def test_gemma3_logits_match_llamacpp_with_sliding_window():
     """Gemma 3 270M: NEOX rope, q/k norms, post-norms, GELU, and 512-token sliding-window layers
     (the 700-token prompt exercises the window: without it the difference is ~7 and top-1 flips)."""
@@ -226,6 +246,13 @@ def _write_tiny(path, arch, seed=0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2,
             t[p + "attn_k_norm.weight"] = vec(hd, 1.0, 0.3)
         t[p + "attn_output.weight"] = lin(n_embd, n_head * hd)
         t[p + "ffn_norm.weight"] = vec(n_embd)
+        n_expert = (kv or {}).get("expert_count", 0)
+        if n_expert:  # Mixtral: a router and stacked SwiGLU experts
+            t[p + "ffn_gate_inp.weight"] = lin(n_expert, n_embd, 3.0)
+            t[p + "ffn_gate_exps.weight"] = np.stack([lin(n_ff, n_embd) for _ in range(n_expert)])
+            t[p + "ffn_up_exps.weight"] = np.stack([lin(n_ff, n_embd) for _ in range(n_expert)])
+            t[p + "ffn_down_exps.weight"] = np.stack([lin(n_embd, n_ff) for _ in range(n_expert)])
+            continue
         if arch == "phi3":  # fused [gate; up]
             t[p + "ffn_up.weight"] = np.concatenate([lin(n_ff, n_embd), lin(n_ff, n_embd)])
         else:
@@ -250,6 +277,8 @@ YARN = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0, "rope.scaling.o
 # Phi-3 128k: LongRoPE, long factors beyond the original context, cos/sin scaled by attn_factor
 LONGROPE = {"rope.scaling.attn_factor": 1.19, "rope.scaling.original_context_length": 256}
 PHI3_FACTORS = ([1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0], [1.0, 1.2, 2.0, 4.0, 8.0, 12.0, 16.0, 20.0])
+# Mixtral: a llama GGUF whose FFNs are 4 experts, 2 used per token
+MOE = {"expert_count": 4, "expert_used_count": 2}
 
 
 @pytest.mark.parametrize("arch,tied,kv,freqs", [
@@ -259,12 +288,14 @@ PHI3_FACTORS = ([1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0], [1.0, 1.2, 2.0, 4.0, 8
     ("llama", False, YARN, None),
     ("phi3", False, None, None),  # fused QKV and gate/up
     ("phi3", False, LONGROPE, PHI3_FACTORS),  # Phi-3 128k, past the original context: long factors
-], ids=["qwen2", "qwen3", "llama", "llama3-rope-freqs", "qwen2-yarn", "llama-yarn", "phi3", "phi3-longrope"])
+    ("llama", False, MOE, None),  # Mixtral-style mixture of experts
+], ids=["qwen2", "qwen3", "llama", "llama3-rope-freqs", "qwen2-yarn", "llama-yarn", "phi3", "phi3-longrope",
+        "mixtral-moe"])
 def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied, kv, freqs):
     """F32 weights: no quantization noise, so the reference must agree with llama.cpp to float precision
     (qwen2: q/k/v biases and NEOX rope; qwen3: per-head q/k RMSNorm; tied output; GQA 4/2; Llama 3's
-    rope_freqs factors; YaRN rope scaling; phi3's fused projections and LongRoPE). 300 tokens with rope
-    scaling: positions past the original context."""
+    rope_freqs factors; YaRN rope scaling; phi3's fused projections and LongRoPE; Mixtral's router, top-2
+    experts and renormalized weights). 300 tokens with rope scaling: positions past the original context."""
     from razor_gguf import Llama
 
     long_rope = freqs if arch == "phi3" else None
@@ -280,7 +311,11 @@ def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied, kv, freqs)
     diff = np.abs(ref - cpp).max()
     print(f"\ntiny {arch}: max abs diff {diff:.2e} (logit range {np.ptp(cpp):.1f})")
     assert diff < 1e-4 * max(1.0, np.abs(cpp).max())  # measured 2e-6 to 2e-5
-    if kv or freqs:  # negative control: the same model without its rope scaling or factors is far off
+    if kv == MOE:  # negative control: the top expert alone is far off
+        m = ReferenceModel(path)
+        m.hp.n_expert_used = 1
+        assert np.abs(m.forward(toks, want_logits=True, chunk=16).double().numpy() - cpp).max() > 100 * diff
+    elif kv or freqs:  # negative control: the same model without its rope scaling or factors is far off
         m = ReferenceModel(path)
         m.hp.rope_scale, m.hp.yarn, m.hp.rope_mscale = 1.0, None, 1.0
         for name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
