@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_razor_cache import NO_COMP, SINK, WINDOW
+from test_razor_cache import NO_COMP, SINK, WINDOW, copy_continue_keep
 
 from razor_gguf.testing import tiny_forward as tf
 from razor_gguf.testing import tiny_model as tm
-from razor_gguf.testing.compare import F16_TOL, F32_TOL, RawContext, llama_logits, multi_seq_logits
+from razor_gguf.testing.compare import F16_TOL, F32_TOL, llama_logits, multi_seq_logits
 
 N_SWA = 32
 # layers 0 and 2 slide (their map entries are ignored: 0); layer 1 splits its two KV heads, layer 3 is all local
@@ -166,23 +166,13 @@ def test_trim_and_state_round_trip(gemma):
 
 @pytest.mark.parametrize("unified", [False, True])
 def test_seq_cp_and_keep(gemma, unified):
-    cfg = gemma[1]
-    prefix = list(_tokens(cfg, 80, seed=20))
-    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
+    """A sequence copied after its early tokens left both the razor window and the sliding window, each copy
+    continued differently, one kept: every continuation equals the oracle of its own tokens."""
+    got, kept, (prefix, tails, more) = copy_continue_keep(gemma, unified)
     n = len(prefix)
-    with RawContext(gemma[0], n_ctx=512, n_batch=128, n_ubatch=16, n_seq_max=2, unified=unified) as rc:
-        rc.decode([(t, i, 0) for i, t in enumerate(prefix)])
-        rc.seq_cp(0, 1)
-        got = [[], []]
-        for i in range(20):
-            out = rc.decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
-            got[0].append(out[0])
-            got[1].append(out[1])
-        rc.seq_keep(1)
-        kept = rc.decode([(tails[0][0], n + 20, 1)])[0]
     for j in (0, 1):
         assert np.abs(np.array(got[j]) - _oracle(gemma, prefix + tails[j])[n:]).max() < F32_TOL
-    assert np.abs(kept - _oracle(gemma, prefix + tails[1] + tails[0][:1])[-1]).max() < F32_TOL
+    assert np.abs(np.array(kept) - _oracle(gemma, prefix + tails[1] + more)[n + 20:]).max() < F32_TOL
 
 
 @pytest.mark.parametrize("swa_full", [False, True])

@@ -54,6 +54,14 @@ def gelu_ggml(x: Array) -> Array:
     return np.where(x <= -10.0, 0.0, np.where(x >= 10.0, x, y)).astype(x.dtype)
 
 
+def _qkv(h: Array, w: dict, p: str, cfg: TinyConfig) -> tuple[Array, Array, Array]:
+    """Q [T, n_head, d], K and V [T, n_head_kv, d] of the normed input h of layer prefix p."""
+    t = h.shape[0]
+    return ((h @ w[p + "attn_q.weight"].T).reshape(t, cfg.n_head, cfg.head_dim),
+            (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim),
+            (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim))
+
+
 def forward(
     weights: dict[str, npt.NDArray[np.float32]],
     cfg: TinyConfig,
@@ -89,10 +97,7 @@ def forward(
     x = w["token_embd.weight"][tok]  # [T, n_embd]
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        h = rms_norm(x, w[p + "attn_norm.weight"], eps)
-        q = (h @ w[p + "attn_q.weight"].T).reshape(t, cfg.n_head, cfg.head_dim)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q, k, v = _qkv(rms_norm(x, w[p + "attn_norm.weight"], eps), w, p, cfg)
         q, k = rope_norm(q, pos, cfg.rope_base), rope_norm(k, pos, cfg.rope_base)
         att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, reference=reference,
                               compensation=compensation)
@@ -111,10 +116,7 @@ def _forward_gemma3(w, cfg: TinyConfig, tok, pos, hm, n_sink, window, slack, ref
     swa = cfg.swa_layers
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        h = rms_norm(x, w[p + "attn_norm.weight"], eps)
-        q = (h @ w[p + "attn_q.weight"].T).reshape(t, cfg.n_head, cfg.head_dim)
-        k = (h @ w[p + "attn_k.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q, k, v = _qkv(rms_norm(x, w[p + "attn_norm.weight"], eps), w, p, cfg)
         q, k = rms_norm(q, w[p + "attn_q_norm.weight"], eps), rms_norm(k, w[p + "attn_k_norm.weight"], eps)
         base = cfg.rope_base_swa if swa[i] else cfg.rope_base
         q = rope_neox(q, pos, base) * dt(1.0 / np.sqrt(np.float32(cfg.head_dim)))
