@@ -415,3 +415,67 @@ def test_graph_node_overhead(mixed, capfd):
           f"razor without the compensation row {without} (+{without - stock})")
     assert with_row - stock <= 3 * 50 + 25
     assert without - stock <= 3 * 27 + 4
+
+
+def _write_alibi_model(path):
+    """A tiny MPT GGUF (ALiBi attention, no rope) carrying razor.* keys: a model llama.cpp runs but razor cannot."""
+    import gguf
+
+    n_embd, n_head, n_layer, n_ff = 64, 4, 2, 128
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "mpt")
+    w.add_context_length(512)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_eps(1e-5)
+    w.add_max_alibi_bias(8.0)
+    w.add_tokenizer_model("llama")
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * len(toks))
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    tm._add_razor_keys(w, tm.TinyConfig(n_layer=n_layer, n_head=n_head, n_head_kv=n_head),
+                       tm.RazorMeta(head_map=np.zeros((n_layer, n_head), np.int32), n_sink=SINK, window=WINDOW))
+    mat = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
+    one = np.ones(n_embd, np.float32)
+    w.add_tensor("token_embd.weight", mat(len(toks), n_embd))
+    w.add_tensor("output_norm.weight", one)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for name, a in (("attn_norm", one), ("attn_qkv", mat(3 * n_embd, n_embd)), ("attn_output", mat(n_embd, n_embd)),
+                        ("ffn_norm", one), ("ffn_up", mat(n_ff, n_embd)), ("ffn_down", mat(n_embd, n_ff))):
+            w.add_tensor(p + name + ".weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_model_razor_cannot_run_loads_stock_with_one_line(tmp_path, capfd):
+    """An ALiBi model (MPT) with razor.* keys: it loads and runs with the stock cache, one log line says why,
+    and embed-heads refuses it before any heavy work (exit 2, one line)."""
+    import subprocess
+    import sys
+
+    from razor_gguf import Llama, _native
+
+    path = _write_alibi_model(tmp_path / "mpt.gguf")
+    capfd.readouterr()
+    llm = Llama(model_path=str(path), n_ctx=256, verbose=True)
+    try:
+        assert not _native.kv_bytes(llm._ctx.ctx).razor
+        llm.eval([1, 5, 9, 12])
+    finally:
+        llm.close()
+    err = capfd.readouterr().err
+    assert err.count("razor: ALiBi is not supported: using the stock KV cache") == 1
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", str(path), "-o", str(tmp_path / "o.gguf")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "unsupported architecture 'mpt'" in r.stderr and not (tmp_path / "o.gguf").exists()
