@@ -215,8 +215,33 @@ _GGML_CDEF = """
 void * ggml_backend_reg_by_name(const char * name);
 void * ggml_backend_reg_get_proc_address(void * reg, const char * name);
 void   ggml_backend_register(void * reg);
+size_t ggml_backend_dev_count(void);
+void * ggml_backend_dev_get(size_t index);
+int    ggml_backend_dev_type(void * device);
+void * ggml_backend_dev_backend_reg(void * device);
+const char * ggml_backend_reg_name(void * reg);
 """
 _rpc_registered: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _ggml():
+    """cffi handle on the patched libggml (the one libllama uses)."""
+    ffi = cffi.FFI()
+    ffi.cdef(_GGML_CDEF)
+    return ffi, ffi.dlopen(str(lib_dir() / _lib_file(lib_dir()).name.replace("llama", "ggml")))
+
+
+def local_gpu_devices() -> int:
+    """GPU devices of this machine the libraries can use (RPC workers not counted: llama.cpp's
+    llama_supports_gpu_offload() is true for any build with the RPC backend)."""
+    ffi, ggml = _ggml()
+    n = 0
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        reg = ffi.string(ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev))).decode()
+        n += ggml.ggml_backend_dev_type(dev) in (1, 2) and reg != "RPC"  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+    return n
 
 
 def parse_rpc_servers(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -256,9 +281,7 @@ def add_rpc_servers(endpoints: str | list[str], timeout: float = 5.0) -> None:
     if not todo:
         return
     check_rpc_servers(todo, timeout)
-    ffi = cffi.FFI()
-    ffi.cdef(_GGML_CDEF)
-    ggml = ffi.dlopen(str(lib_dir() / _lib_file(lib_dir()).name.replace("llama", "ggml")))
+    ffi, ggml = _ggml()
     reg = ggml.ggml_backend_reg_by_name(b"RPC")
     if reg == ffi.NULL:
         raise NativeLibraryError("these libraries were built without the RPC backend (RAZOR_RPC=OFF)")
