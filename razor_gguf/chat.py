@@ -296,6 +296,16 @@ class Terminal:
                 self.say(f"error: {e}")
             except KeyboardInterrupt:
                 self.say("\n(interrupted)")
+            except RuntimeError:  # llama_decode failed: with a lost RPC worker the model is gone
+                from .errors import error
+                from .llama import lost_rpc_workers
+
+                lost = lost_rpc_workers()
+                if not lost:
+                    raise
+                self.say()
+                return error(f"RPC worker {', '.join(sorted(lost))} is lost: the model's layers there are gone; "
+                             "start the chat again once it answers")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import re
 import sys
 from typing import Any
 
@@ -10,9 +12,43 @@ from . import _native
 from .overrides import razor_overrides
 
 _llama_cpp = _native.load_llama_cpp()
+from llama_cpp import _logger  # noqa: E402  (after the binding is bound to the patched libraries)
 
 _GGML_LOG_LEVEL_WARN = 3  # enum ggml_log_level in the pinned ggml.h (DEBUG = 1, INFO = 2, WARN = 3, ERROR = 4)
 _GGML_LOG_LEVEL_ERROR = 4
+
+# ggml-rpc's line for a worker that stopped answering (patch 0005): from then on every call on it fails and
+# llama_decode returns an error; the worker's buffers (its layers' weights and KV cache) are gone.
+_RPC_LOST = re.compile(rb"RPC server (\S+) crashed, was stopped or is unreachable")
+_lost_rpc_workers: set[str] = set()
+
+
+@_llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama-cpp-python's log callback, plus a note of every RPC worker ggml-rpc reports lost (the line is
+    an ERROR, which llama-cpp-python's level table drops when not verbose, so it is said here once)."""
+    lost = _RPC_LOST.search(text) if level == _GGML_LOG_LEVEL_ERROR else None
+    if lost and lost.group(1).decode() not in _lost_rpc_workers:
+        _lost_rpc_workers.add(lost.group(1).decode())
+        print(f"razor-gguf: RPC worker {lost.group(1).decode()} is lost (crashed, stopped or unreachable): the "
+              "model must be loaded again once it answers", file=sys.stderr, flush=True)
+    _logger.llama_log_callback(level, text, user_data)
+
+
+_llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+# llama-cpp-python's own callback back before this module is torn down: models freed at interpreter exit
+# still log, and a freed ctypes callback would be a crash.
+atexit.register(_llama_cpp.llama_log_set, _logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def lost_rpc_workers() -> set[str]:
+    """RPC workers ("HOST:PORT") ggml-rpc has reported lost since the last forget_lost_rpc_workers()."""
+    return set(_lost_rpc_workers)
+
+
+def forget_lost_rpc_workers() -> None:
+    """Call once every model that used a lost worker is freed (a new load connects afresh)."""
+    _lost_rpc_workers.clear()
 
 
 class RazorUnavailableError(ValueError):
@@ -31,9 +67,7 @@ class RazorLogTap:
     """
 
     def __init__(self, verbose: bool = True) -> None:
-        from llama_cpp import _logger
-
-        self._forward = _logger.llama_log_callback
+        self._forward = _log_callback
         self.lines: list[str] = []
         self.errors: list[str] = []
 
@@ -131,7 +165,9 @@ class Llama(_llama_cpp.Llama):
     rpc_servers: llama.cpp RPC workers (`razor-gguf rpc-server`), ["HOST:PORT", ...] or "HOST:PORT,...",
              registered as devices before the model loads; layers offloaded with n_gpu_layers are split
              across them (and their KV cache, razor's included, lives there). A worker that does not answer
-             is a ValueError (_native.RpcServerError). The RPC protocol has no authentication.
+             is a ValueError (_native.RpcServerError). A worker lost later makes every call on the model a
+             RuntimeError (llama_decode's error; lost_rpc_workers() names it): load the model again once it
+             answers. The RPC protocol has no authentication.
 
     A model without a head map runs the full cache, with a one-line notice on stderr.
     Prefix reuse across calls is llama-cpp-python's: when the razor cache cannot drop the old tail

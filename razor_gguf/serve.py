@@ -139,9 +139,10 @@ def build_app(args: argparse.Namespace):
     razor = razor_kwargs(args)
     overrides = flag_razor_overrides(**razor)
     kw = llama_kwargs(args)
-    if kw.get("rpc_servers"):  # process-wide devices: the proxy's models load onto them
+    workers = kw.pop("rpc_servers", None)
+    if workers:  # process-wide devices: the proxy's models load onto them
         try:
-            _native.add_rpc_servers(kw.pop("rpc_servers"))
+            _native.add_rpc_servers(workers)
         except _native.RpcServerError as e:
             raise UserError(str(e)) from None
     model_settings = ModelSettings(
@@ -160,6 +161,13 @@ def build_app(args: argparse.Namespace):
     app.add_middleware(RequestValidation, alias=model_settings.model_alias)
     llm = current_model()
     llm._razor_overrides = overrides  # what razor_stats reports as the settings in effect
+    served = {"overrides": overrides}  # what the model is (re)loaded with: the razor switch changes it
+    if workers:
+        from .serve_rpc import RpcRecovery
+
+        # outermost: a lost worker's 503 comes before anything else looks at the request
+        app.add_middleware(RpcRecovery, workers=workers, api_key=args.api_key,
+                           reload=lambda proxy: _reload(proxy, model_settings, served["overrides"], args.verbose))
     why = None if razor["razor"] is False else razor_fallback_reason(llm, tap.lines)
     if why and razor["razor"]:
         raise UserError(why)
@@ -198,8 +206,10 @@ def build_app(args: argparse.Namespace):
                                            "type": "invalid_request_error", "param": "razor", "code": None}},
                                 status_code=400)
         async with contextlib.asynccontextmanager(get_llama_proxy)() as proxy:
-            why = await run_in_threadpool(_reload, proxy, model_settings, overrides, on, args.verbose)
+            served["overrides"] = {**overrides, "razor.enabled": on}
+            notes = await run_in_threadpool(_reload, proxy, model_settings, served["overrides"], args.verbose)
             m = proxy._current_model
+            why = razor_fallback_reason(m, notes) if on else None
             stats = {"model": model_settings.model_alias, **razor_stats(m, razor["kv_budget"]), "n_ctx": m.n_ctx(),
                      "n_past": m.n_tokens}
         if why:
@@ -221,20 +231,20 @@ def build_app(args: argparse.Namespace):
     return app, razor_stats(llm, razor["kv_budget"])
 
 
-def _reload(proxy, model_settings, overrides: dict[str, Any], on: bool, verbose: bool) -> str | None:
-    """Replace the served model by one with razor.enabled = on (llama_cpp.server's proxy reloads it from the
-    updated settings). Returns why razor does not run when it was asked for, else None."""
-    from .llama import RazorLogTap, razor_fallback_reason
+def _reload(proxy, model_settings, overrides: dict[str, Any], verbose: bool) -> list[str]:
+    """Replace the served model by one loaded with these razor overrides (llama_cpp.server's proxy reloads it
+    from the updated settings). Returns the `razor:` notes llama.cpp logged while loading it."""
+    from .llama import RazorLogTap, forget_lost_rpc_workers
 
-    ov = {**overrides, "razor.enabled": on}
-    model_settings.kv_overrides = kv_override_strings(ov)
+    model_settings.kv_overrides = kv_override_strings(overrides) or None
     if proxy._current_model is not None:
         proxy._current_model.close()
     proxy._current_model = proxy._current_model_alias = None
+    forget_lost_rpc_workers()  # the old model's buffers on them went with it: the load connects afresh
     with RazorLogTap(verbose=verbose) as tap:
         llm = proxy(model_settings.model_alias)
-    llm._razor_overrides = ov
-    return razor_fallback_reason(llm, tap.lines) if on else None
+    llm._razor_overrides = overrides
+    return tap.lines
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

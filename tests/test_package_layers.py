@@ -14,7 +14,7 @@ BASE = {"errors", "overrides", "_native", "metadata", "reference", "oracle", "kl
         "intervals"}
 # The library: may import base and core, never a command.
 CORE = BASE | {"", "llama", "scoring", "machine", "models", "calibration"}
-COMMANDS = {"options", "embed", "bench", "evaluation", "chat", "serve", "rpc", "demo"}
+COMMANDS = {"options", "embed", "bench", "evaluation", "chat", "serve", "serve_rpc", "rpc", "demo"}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -96,26 +96,154 @@ def test_worker_down_at_load_is_one_line_and_exit_2(model):
         assert "Traceback" not in r.stderr and ("does not answer" in lines[0] or "HOST:PORT" in lines[0])
 
 
-def test_worker_killed_mid_generation_ends_the_client(model):
-    """A worker killed while the model generates: the client ends with an error within seconds, it does not
-    hang. (ggml-rpc aborts the client process on a lost worker, so a server process ends too: see README.)"""
+def test_worker_killed_mid_generation_fails_the_call_not_the_process(model):
+    """A worker killed while the model generates: the call raises within seconds (no hang, no abort: patch
+    0005), the lost worker is named, and later calls on that model fail the same way."""
     procs, rpc = _workers(2)
     try:
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(model), rpc, "100000"],
+        client = subprocess.Popen([sys.executable, "-c", LOSING_CLIENT, str(model), rpc],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(5):  # a few tokens out: generation is under way
             assert json.loads(client.stdout.readline())["token"] >= 0
         procs[1].kill()
-        t0 = time.time()
         try:
-            client.wait(timeout=60)
+            out, err = client.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             client.kill()
             pytest.fail("the client hangs after its worker died")
-        assert client.returncode != 0 and time.time() - t0 < 60
-        assert "RPC" in client.stderr.read()
+        assert client.returncode == 0, err[-3000:]
+        res = json.loads(out.splitlines()[-1])
+        killed = rpc.split(",")[1]
+        assert res["error"].startswith("llama_decode returned") and res["again"] == res["error"]
+        assert res["lost"] == [killed] and res["seconds"] < 30
+        assert f"RPC worker {killed} is lost" in err and "Remote RPC server crashed" not in err
     finally:
         _stop([p for p in procs if p.poll() is None])
+
+
+LOSING_CLIENT = r"""
+import json, sys, time
+from razor_gguf import Llama
+from razor_gguf.llama import lost_rpc_workers
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_batch=64, n_ubatch=64, rpc_servers=sys.argv[2], n_gpu_layers=-1,
+            verbose=False)
+t0 = None
+try:
+    for tok in llm.generate(llm.tokenize(b"Once upon a time", add_bos=True), top_k=1, temp=0.0):
+        print(json.dumps({"token": tok}), flush=True)
+        t0 = t0 or time.time()
+    raise SystemExit("generation ended without an error")
+except RuntimeError as e:
+    first = str(e)
+try:
+    llm("Hi", max_tokens=2)
+    again = None
+except RuntimeError as e:
+    again = str(e)
+print(json.dumps({"error": first, "again": again, "lost": sorted(lost_rpc_workers()), "seconds": time.time() - t0}))
+"""
+
+
+def _post(port, path, body, timeout=120):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait_port(port, proc, seconds=120):
+    for _ in range(seconds * 10):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, "the process ended"
+            time.sleep(0.1)
+    pytest.fail(f"nothing listens on {port}")
+
+
+def test_server_keeps_answering_after_a_worker_dies(model, tmp_path):
+    """`razor-gguf serve --rpc`: a worker killed mid-stream ends that stream with an error event; the server
+    keeps answering (other routes as before, generations with a 503 naming the worker, at once); once the
+    worker is back the next request reloads the model and answers as before the loss."""
+    import http.client
+    import urllib.request
+
+    procs, rpc = _workers(2)
+    killed = rpc.split(",")[1]
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    srv = subprocess.Popen([sys.executable, "-m", "razor_gguf", "serve", str(model), "--port", str(port), "--ctx",
+                            "1024", "--rpc", rpc], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(port, srv)
+        greedy = {"prompt": "The three primary colours are", "max_tokens": 8, "temperature": 0}
+        status, before = _post(port, "/v1/completions", greedy)
+        assert status == 200
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        c.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Tell a story"}],
+                  "max_tokens": 1000, "temperature": 0, "stream": True}), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        events = 0
+        while events < 5:
+            events += r.readline().startswith(b"data:")
+        procs[1].kill()
+        procs[1].wait()
+        t0 = time.time()
+        rest = [x for x in r.read().decode().splitlines() if x.startswith("data:")]
+        assert time.time() - t0 < 30
+        last = json.loads(rest[-1][5:])
+        assert last["error"]["type"] == "rpc_worker_lost" and killed in last["error"]["message"]
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as m:
+            assert m.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/razor/stats", timeout=30) as m:
+            assert json.loads(m.read())["razor"] is True
+        t0 = time.time()
+        status, down = _post(port, "/v1/completions", greedy, timeout=30)
+        assert status == 503 and time.time() - t0 < 10
+        assert f"RPC worker {killed} does not answer" in down["error"]["message"]
+
+        host, p = killed.split(":")
+        procs[1] = subprocess.Popen([sys.executable, "-m", "razor_gguf", "rpc-server", "--port", p, "--threads", "1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(int(p), procs[1])
+        status, after = _post(port, "/v1/completions", greedy)
+        assert status == 200, after
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]
+        assert srv.poll() is None
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+        log.close()
+        _stop([p for p in procs if p.poll() is None])
+    text = (tmp_path / "serve.log").read_text()
+    assert text.count(f"razor-gguf: RPC worker {killed} is lost") == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_chat_ends_in_one_line_when_a_worker_is_lost(model):
+    procs, rpc = _workers(2)
+    try:
+        chat = subprocess.Popen([sys.executable, "-m", "razor_gguf", "chat", str(model), "--rpc", rpc],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert chat.stdout.readline().startswith("razor-gguf chat:")  # loaded
+        procs[0].kill()
+        procs[0].wait()
+        out, err = chat.communicate("Hello\n", timeout=60)
+    finally:
+        _stop([p for p in procs if p.poll() is None])
+    lost = rpc.split(",")[0]
+    assert chat.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"razor-gguf: error: RPC worker {lost} is lost: the model's layers there "
+                                            "are gone; start the chat again once it answers")
 
 
 def test_bench_reports_rpc_against_local(model):

@@ -212,7 +212,11 @@ async function reply(c) {
         if (data === "[DONE]") {
           continue;
         }
-        const delta = JSON.parse(data).choices[0].delta || {};
+        const event = JSON.parse(data);
+        if (event.error) {  // the server ends a stream it cannot finish with an error event (a lost RPC worker)
+          throw new Error(event.error.message);
+        }
+        const delta = event.choices[0].delta || {};
         if (delta.content) {
           msg.content += delta.content;
           chunks += 1;
