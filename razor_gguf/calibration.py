@@ -1,9 +1,12 @@
-"""Per-model defaults measured by `embed-heads` in the reference pass: does the compensation row help?
+"""Per-model defaults measured by `embed-heads` in the reference pass: does the compensation row help, and
+what KV budget keeps the model's answers?
 
 SPEC section 1: whether the compensation row is on by default is measured per model. The measurement runs
 the whole model under the razor policy (razor_gguf.oracle as every layer's attention) with and without the
 row, on calibration text, and compares next-token KL divergence against the full model over the positions
-where tokens have been evicted. The row is on by default only when it lowers that KLD.
+where tokens have been evicted. The row is on by default only when it lowers that KLD. Then, with that
+setting, a ladder of KV budgets runs the same way; the smallest whose top-1 agreement with the full model
+reaches TOP1_TARGET becomes the model's default budget (razor.kv_budget).
 
 Calibration text: the Python language reference shipped with CPython (`pydoc_data.topics`): no download,
 and never the text `razor-gguf eval` measures on (docstrings of stdlib modules, razor_gguf.niah).
@@ -128,3 +131,79 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
     n = sum(len(x) for x in kl[True])
     return CompensationMeasurement(compensation=with_row < without, kld_compensation=with_row,
                                    kld_no_compensation=without, window=window, n_sink=n_sink, n_tokens=n)
+
+
+# The recommended budget: the smallest of these (fractions of the full cache at the calibration context) at
+# which razor keeps the full model's next token on at least TOP1_TARGET of the measured positions.
+BUDGET_LADDER = (0.25, 0.35, 0.5, 0.75)
+TOP1_TARGET = 0.96
+
+
+def window_for_budget(budget: float, head_map: np.ndarray, n_tokens: int, n_sink: int,
+                      global_layers: Sequence[bool] | None = None) -> int | None:
+    """The window a budget buys over n_tokens for the policy itself (every retrieval head keeps every token,
+    every local head n_sink + window; the rings' ubatch slack not counted), None when the retrieval heads
+    alone exceed it. Only global layers count when global_layers is given (sliding-window layers keep theirs)."""
+    hm = np.asarray(head_map).reshape(len(head_map), -1)
+    rows = hm if global_layers is None else hm[np.asarray(global_layers, dtype=bool)]
+    n_ret, n_all = int(rows.sum()), rows.size
+    if n_all == n_ret:
+        return None
+    w = (budget * n_all * n_tokens - n_ret * n_tokens) / (n_all - n_ret) - n_sink
+    return int(w) if w >= 1 else None
+
+
+@dataclass(frozen=True)
+class BudgetMeasurement:
+    kv_budget: float | None  # the recommendation: the smallest budget meeting TOP1_TARGET, None if none did
+    budgets: tuple[float, ...]  # the ladder, with for each: the window it buys, mean KLD and top-1 agreement
+    windows: tuple[int, ...]
+    kld: tuple[float, ...]
+    top1: tuple[float, ...]
+    n_tokens: int  # positions measured (the last quarter of each chunk, where every budget evicts)
+    context: int  # tokens per chunk: the context the budgets are fractions of
+    compensation: bool
+    target_top1: float = TOP1_TARGET
+    source: str = CALIBRATION_SOURCE
+
+
+def measure_budgets(model, head_map: np.ndarray, chunks: list[list[int]], *, n_sink: int, compensation: bool,
+                    budgets: Sequence[float] = BUDGET_LADDER, progress: Callable[[], None] | None = None
+                    ) -> BudgetMeasurement:
+    """Next-token KLD and top-1 agreement against the full model at each budget of the ladder (the whole model
+    under the razor policy, the window each budget buys at the chunk length), over the last quarter of each
+    chunk; the recommendation is the smallest budget whose top-1 agreement reaches TOP1_TARGET."""
+    from .kld import kl_and_top1
+
+    hp = model.hp
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    no_retrieval = np.zeros(head_map.shape[1])
+    n_tok = min(len(t) for t in chunks)
+    lo = n_tok - n_tok // 4
+    windows = [window_for_budget(b, head_map, n_tok, n_sink, [not s for s in swa]) for b in budgets]
+    keep = [(b, w) for b, w in zip(budgets, windows) if w is not None and n_sink + w < lo]
+    kl = {b: [] for b, _ in keep}
+    agree = {b: [] for b, _ in keep}
+    for toks in chunks:
+        full = model.forward(toks[:n_tok], want_logits="all", logits_from=lo).numpy()
+        if progress:
+            progress()
+        for b, w in keep:
+            def attention(il, q, k, v, w=w):
+                if swa[il]:
+                    return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
+                return razor_attention_torch(q, k, v, head_map[il], n_sink, w, compensation=compensation)
+
+            got = model.forward(toks[:n_tok], want_logits="all", attention=attention, logits_from=lo).numpy()
+            d, t1 = kl_and_top1(full, got)
+            kl[b].append(d)
+            agree[b].append(t1)
+            if progress:
+                progress()
+    kld = tuple(float(np.concatenate(kl[b]).mean()) for b, _ in keep)
+    top1 = tuple(float(np.concatenate(agree[b]).mean()) for b, _ in keep)
+    met = [b for (b, _), t in zip(keep, top1) if t >= TOP1_TARGET]
+    return BudgetMeasurement(kv_budget=min(met) if met else None, budgets=tuple(b for b, _ in keep),
+                             windows=tuple(w for _, w in keep), kld=kld, top1=top1,
+                             n_tokens=len(chunks) * (n_tok - lo), context=n_tok, compensation=compensation)

@@ -133,7 +133,7 @@ def embed_heads(
             progress=lambda il: bar.update(1),
             model=model,
         )
-    calibration = _calibrate(input, model, scores.head_map, n_sink, window) if calibrate else None
+    calibration, budgets = _calibrate(input, model, scores.head_map, n_sink, window) if calibrate else (None, None)
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -145,6 +145,7 @@ def embed_heads(
         source_sha256=digest,
         tool_version=__version__,
         calibration=calibration,
+        budgets=budgets,
     )
     if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -167,19 +168,21 @@ def embed_heads(
 
 
 def _calibrate(path: str, model, head_map, n_sink: int, window: int):
-    """The measured compensation default (razor_gguf.calibration), or None where there is nothing to measure:
-    no local head (every head of the global layers a retrieval head: razor runs the stock cache), or a
-    context too short to evict anything."""
+    """The measured defaults (razor_gguf.calibration): whether the compensation row helps, and then, with that
+    setting, the recommended KV budget. (None, None) where there is nothing to measure: no local head (every
+    head of the global layers a retrieval head: razor runs the stock cache), or a context too short to evict
+    anything."""
     import numpy as np
 
-    from .calibration import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks, measure_compensation
+    from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
+                              measure_budgets, measure_compensation)
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
     swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
     n_local = sum(int((1 - np.asarray(row)).sum()) for row, s in zip(np.asarray(head_map), swa) if not s)
     if n_local == 0 or n_tokens < n_sink + window + 256:
-        return None
+        return None, None
     from . import _native
 
     try:
@@ -193,9 +196,12 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int):
         chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS, n_tokens)
     finally:
         tok.close()
-    with _bar(3 * len(chunks), "calibrating", unit="pass") as bar:
-        return measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
+    with _bar((4 + len(BUDGET_LADDER)) * len(chunks), "calibrating", unit="pass") as bar:
+        comp = measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
+        budgets = measure_budgets(model, head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
+                                  progress=lambda: bar.update(1))
+    return comp, budgets
 
 
 def _summary_from_kv(kv: dict) -> dict:
@@ -226,6 +232,7 @@ def format_summary(info: dict, detail: bool = True) -> str:
         f"(ratio {info['retrieval_ratio']:.3f}); {L} layers x {H} KV heads",
         f"n_sink {info['n_sink']}, window {info['window']}, compensation row "
         + ("on" if info.get("compensation", True) else "off") + _measured(info),
+        *_budget_lines(info),
         f"retrieval heads in layers: {', '.join(map(str, retr_layers)) or 'none'}",
         "provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()),
     ]
@@ -245,6 +252,20 @@ def _measured(info: dict) -> str:
         return ""
     return (f" (measured: next-token KLD {p['calibration.kld_compensation']:.4f} with it, "
             f"{p['calibration.kld_no_compensation']:.4f} without, window {p['calibration.window']})")
+
+
+def _budget_lines(info: dict) -> list[str]:
+    p = info.get("provenance", {})
+    if "calibration.budgets" not in p:
+        return []
+    ladder = "; ".join(f"{b:g}: W {w}, KLD {k:.4f}, top-1 {t:.1%}" for b, w, k, t in zip(
+        p["calibration.budgets"], p["calibration.budget_windows"], p["calibration.budget_kld"],
+        p["calibration.budget_top1"]))
+    head = (f"KV budget {info['kv_budget']:g} by default (the smallest" if info.get("kv_budget") else
+            "no KV budget recommended (none")
+    return [f"{head} keeping the full model's next token on >= {p['calibration.top1_target']:.0%} of "
+            f"{p['calibration.budget_tokens']} calibration positions at {p['calibration.budget_context']} tokens)",
+            f"  measured: {ladder}"]
 
 
 def plot_heads(info: dict, path: str) -> None:

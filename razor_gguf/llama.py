@@ -111,13 +111,24 @@ def razor_fallback_reason(llm, notes: list[str]) -> str | None:
     return "running the full KV cache (every KV head is a retrieval head)"
 
 
+def _model_budget(llm) -> float | None:
+    """The model's own razor.kv_budget (embed-heads' measured default) when it is in effect: not when a window
+    or a budget was given at load time."""
+    ov = getattr(llm, "_razor_overrides", {})
+    stored = llm.metadata.get("razor.kv_budget")
+    if stored is None or {"razor.window", "razor.kv_budget", "razor.kv_budget_bytes"} & set(ov):
+        return None
+    return float(stored)
+
+
 def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     """Allocated KV-cache bytes of a llama_cpp.Llama's context by part, the full-cache equivalent and the saving.
 
     Keys: razor (bool), retrieval_bytes, local_bytes, compensation_bytes, swa_bytes (the stock SWA cache of a
     sliding-window model's sliding-window layers, kept as it is), kv_bytes (their sum), full_equiv_bytes,
     kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
-    (the budget asked for, as given, or the model's razor.kv_budget; None without one), n_sink, window
+    (the budget asked for, as given, or the model's razor.kv_budget when no window was asked for; None
+    without one), n_sink, window
     (what the budget bought: the window in effect), n_ubatch (tokens per ubatch the razor cache runs),
     compensation (the compensation row in effect: the option, else the model's measured default),
     retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
@@ -138,7 +149,7 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
         "full_equiv_bytes": kb.full_equiv,
         "kv_fraction": kb.total / kb.full_equiv if kb.full_equiv else None,
         "saving": kb.saving,
-        "kv_budget": kv_budget if kv_budget is not None else llm.metadata.get("razor.kv_budget"),
+        "kv_budget": kv_budget if kv_budget is not None else _model_budget(llm),
         "n_sink": sw[0] if sw else None,
         "window": sw[1] if sw else None,
         "n_ubatch": _native.n_ubatch(llm._ctx.ctx),

@@ -73,9 +73,10 @@ def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str
 
 
 def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
-                   calibration=None) -> dict:
+                   calibration=None, budgets=None) -> dict:
     """The razor.* keys as {key: (GGUFValueType, value, sub_type)}. calibration: a
-    razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None."""
+    razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None; budgets: a
+    razor_gguf.calibration.BudgetMeasurement (the recommended KV budget becomes razor.kv_budget), or None."""
     from gguf import GGUFValueType as V
 
     p = scores.provenance
@@ -89,6 +90,18 @@ def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source
         "razor.calibration.kld_compensation": (V.FLOAT32, float(calibration.kld_compensation), None),
         "razor.calibration.kld_no_compensation": (V.FLOAT32, float(calibration.kld_no_compensation), None),
     }
+    if budgets is not None:
+        measured.update({
+            "razor.calibration.budgets": (V.ARRAY, [float(x) for x in budgets.budgets], V.FLOAT32),
+            "razor.calibration.budget_windows": (V.ARRAY, [int(x) for x in budgets.windows], V.UINT32),
+            "razor.calibration.budget_kld": (V.ARRAY, [float(x) for x in budgets.kld], V.FLOAT32),
+            "razor.calibration.budget_top1": (V.ARRAY, [float(x) for x in budgets.top1], V.FLOAT32),
+            "razor.calibration.budget_tokens": (V.UINT32, int(budgets.n_tokens), None),
+            "razor.calibration.budget_context": (V.UINT32, int(budgets.context), None),
+            "razor.calibration.top1_target": (V.FLOAT32, float(budgets.target_top1), None),
+        })
+        if budgets.kv_budget is not None:  # the default at load time: the window is fit to each context
+            measured["razor.kv_budget"] = (V.FLOAT32, float(budgets.kv_budget), None)
     return {
         "razor.version": (V.UINT32, RAZOR_VERSION, None),
         "razor.enabled": (V.BOOL, True, None),
@@ -178,6 +191,8 @@ def read_razor(reader) -> dict | None:
         if f is None:
             return default
         v = f.contents()
+        if isinstance(v, list) and k.startswith("razor.calibration."):  # the measured ladder: short arrays
+            return [float(f"{x:.7g}") if isinstance(x, float) else x for x in v]
         return float(f"{v:.7g}") if isinstance(v, float) else v  # float32 without the binary noise
 
     arch = get("general.architecture")
@@ -203,6 +218,7 @@ def read_razor(reader) -> dict | None:
         "retrieval_ratio": get("razor.retrieval_ratio", (sum(hm) / len(hm)) if hm else 0.0),
         "n_sink": get("razor.n_sink"),
         "window": get("razor.window"),
+        "kv_budget": get("razor.kv_budget"),
         "enabled": get("razor.enabled"),
         "compensation": get("razor.compensation", True),  # SPEC's row; embed-heads records the measured default
         "version": get("razor.version"),

@@ -84,6 +84,53 @@ def test_measured_compensation_default_reaches_llama_cpp(scored):
             llm.close()
 
 
+def test_measured_kv_budget(scored):
+    """The recommended budget: the ladder measured in the reference pass (the whole model under the razor policy
+    at the window each budget buys), and the smallest budget reaching the top-1 target is razor.kv_budget."""
+    from razor_gguf.calibration import BUDGET_LADDER, window_for_budget
+
+    _, info, _, _ = scored
+    p = info["provenance"]
+    assert p["calibration.budgets"] == pytest.approx(list(BUDGET_LADDER))
+    hm = np.array(info["head_map"])
+    assert p["calibration.budget_windows"] == [window_for_budget(b, hm, 2048, 4) for b in BUDGET_LADDER]
+    assert p["calibration.budget_context"] == 2048 and p["calibration.budget_tokens"] == 2 * 512
+    kld, top1 = p["calibration.budget_kld"], p["calibration.budget_top1"]
+    assert kld[-1] < kld[0] / 4 and top1[-1] > top1[0]  # more memory, closer to the full model
+    met = [b for b, t in zip(p["calibration.budgets"], top1) if t >= p["calibration.top1_target"]]
+    assert info["kv_budget"] == (pytest.approx(min(met)) if met else None)
+    # measured on SmolLM2-135M: only 0.75 of the ladder keeps 96% (top-1 88.6 / 90.6 / 93.7 / 96.2%)
+    assert info["kv_budget"] == pytest.approx(0.75)
+
+
+def test_measured_kv_budget_is_the_default_at_load(scored):
+    from razor_gguf import Llama
+
+    out, info, _, _ = scored
+    llm = Llama(model_path=str(out), n_ctx=4096, verbose=False)
+    try:
+        st = llm.razor_stats()
+    finally:
+        llm.close()
+    assert st["razor"] and st["kv_budget"] == pytest.approx(info["kv_budget"])
+    assert info["kv_budget"] - 0.06 < st["kv_fraction"] <= info["kv_budget"] and st["window"] > info["window"]
+    llm = Llama(model_path=str(out), n_ctx=4096, verbose=False, window=256)  # an explicit window still wins
+    try:
+        assert llm.razor_stats()["window"] == 256
+    finally:
+        llm.close()
+
+
+def test_window_for_budget():
+    from razor_gguf.calibration import window_for_budget
+
+    hm = np.array([[1, 0], [0, 0]])  # one retrieval head of four
+    assert window_for_budget(0.5, hm, 100, 4) == 29  # (0.5 * 4 * 100 - 100) / 3 - 4
+    assert window_for_budget(0.25, hm, 100, 4) is None  # the retrieval head alone takes 0.25
+    assert window_for_budget(0.5, hm, 100, 4, global_layers=[False, True]) == 46  # (0.5 * 2 * 100) / 2 - 4
+    assert window_for_budget(0.5, np.ones((2, 2)), 100, 4) is None
+
+
 def test_inspect_reads_back(scored):
     out, info, _, _ = scored
     r = _cli("inspect", out, "--json")

@@ -80,9 +80,9 @@ def test_budget_and_window_together_are_refused(smollm2_razor):
 
 @pytest.mark.parametrize("n_ctx", [4096, 8192])
 def test_ring_slack_costs_no_more_than_the_window(smollm2_razor, n_ctx):
-    """The default window (512) at llama-cpp-python's default n_ubatch (512): the ring used to hold
+    """A 512-token window at llama-cpp-python's default n_ubatch (512): the ring used to hold
     S + W + 2 x 512 rows (0.525 of the full cache at 4k); its slack is now at most the window."""
-    st = _stats(smollm2_razor[0], n_ctx, n_batch=512, n_ubatch=512)
+    st = _stats(smollm2_razor[0], n_ctx, n_batch=512, n_ubatch=512, window=512)
     assert st["razor"] and st["window"] == 512
     slack = _ring_rows(st) - (st["n_sink"] + st["window"])
     assert 0 < slack <= st["window"], slack

@@ -68,7 +68,7 @@ def test_model_without_head_map_runs_full_cache_with_one_line_notice(smollm2_pat
 def test_razor_options_and_stats(smollm2_razor, capfd):
     path = str(smollm2_razor[0])
     capfd.readouterr()
-    llm = Llama(model_path=path, n_ctx=4096, n_batch=256, verbose=False)
+    llm = Llama(model_path=path, n_ctx=4096, n_batch=256, verbose=False, window=512)
     st = llm.razor_stats()
     assert _stderr_lines(capfd) == []  # razor runs: nothing to say
     assert st["razor"] and (st["n_sink"], st["window"]) == (4, 512)
@@ -101,14 +101,14 @@ def test_fallback_to_full_cache_says_why(smollm2_razor, capfd):
     path = str(smollm2_razor[0])
     capfd.readouterr()
     # with the compensation row: ring pad256(4 + 512 + 2 x 128) = 1024 cells > 768 (without: 768 cells, it runs)
-    llm = Llama(model_path=path, n_ctx=768, verbose=False, compensation=True)
+    llm = Llama(model_path=path, n_ctx=768, verbose=False, compensation=True, window=512)
     lines = _stderr_lines(capfd)
     assert len(lines) == 1 and "running the full KV cache" in lines[0] and "larger than the context" in lines[0], lines
     assert llm.razor_stats()["razor"] is False
     llm.close()
     with pytest.raises(RazorUnavailableError, match="larger than the context"):
-        Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=True)
-    llm = Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=False)
+        Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=True, window=512)
+    llm = Llama(model_path=path, n_ctx=768, verbose=False, razor=True, compensation=False, window=512)
     assert llm.razor_stats()["razor"] and llm.razor_stats()["window"] == 512
     llm.close()
 

@@ -236,6 +236,8 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
             cfg->kv_budget_bytes = 0; // one budget: the one given at load time
         } else if (razor_override(ml, "razor.kv_budget_bytes")) {
             cfg->kv_budget = 0.0f;
+        } else {
+            cfg->kv_budget_from_model = cfg->has_budget();
         }
         if (!(cfg->kv_budget >= 0.0f && cfg->kv_budget <= 1.0f) || cfg->kv_budget_bytes < 0) {
             throw std::runtime_error("razor: razor.kv_budget must be in (0, 1] and razor.kv_budget_bytes > 0");
@@ -384,6 +386,7 @@ bool llama_razor_fit_budget(
     }
     const uint32_t kv_size = cparams.n_ctx_seq;
     // a window chosen for a budget keeps a full margin: chats that trim their last reply stay exact
+    const uint32_t n_margin_window = cfg.n_margin_min;
     cfg.n_margin_min = LLAMA_RAZOR_MARGIN;
     auto with_window = [&](uint32_t window) {
         llama_razor_config c = cfg;
@@ -403,6 +406,14 @@ bool llama_razor_fit_budget(
         return false; // the stock cache fits
     }
     const int64_t smallest = b[0] + b[1] + b[2] + b[4];
+    if (smallest > budget && cfg.kv_budget_from_model) {
+        LLAMA_LOG_INFO("razor: the model's kv_budget %.3f is below the smallest razor cache for n_ctx = %u (%.3f): "
+                "window = razor.window (%u)\n", (double) budget/full, kv_size, (double) smallest/full, cfg.n_window);
+        cfg.kv_budget = 0.0f;
+        cfg.kv_budget_bytes = 0;
+        cfg.n_margin_min = n_margin_window;
+        return true;
+    }
     if (smallest > budget) {
         throw std::runtime_error(format(
             "razor: kv_budget %.3f of the full cache (%.2f MiB) is below the smallest razor cache for n_ctx = %u: "

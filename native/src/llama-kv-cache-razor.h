@@ -46,6 +46,9 @@ struct llama_razor_config {
     // window from the budget (llama_razor_fit_budget); 0 = unset. A razor.window given at load time wins
     float   kv_budget       = 0.0f;
     int64_t kv_budget_bytes = 0;
+    // the budget is the model's default (written by embed-heads), not one given at load time: a context it
+    // cannot serve (the retrieval heads alone exceed it) runs razor.window instead of failing
+    bool    kv_budget_from_model = false;
 
     bool has_budget() const { return kv_budget > 0.0f || kv_budget_bytes > 0; }
 
