@@ -59,28 +59,31 @@ class RpcRecovery:
                 problem = await run_in_threadpool(self.recover, proxy) if lost_rpc_workers() else None
             if problem:
                 return await self.respond(send, 503, error_body(problem))
-        started, completed, held = False, False, None
+        started, streaming, completed, held = False, False, False, None
 
         async def guarded(message):
-            # a 500 from the route is held back: when a worker was lost meanwhile it becomes this 503; a streamed
-            # reply that ends after the loss gets a last event with the error before it closes
-            nonlocal started, completed, held
+            # a 500 from the route is held back: when a worker was lost meanwhile it becomes this 503; an event
+            # stream that ends after the loss gets a last event with the error before it closes
+            nonlocal started, streaming, completed, held
             if message["type"] == "http.response.start":
                 if message["status"] == 500:
                     held = message
                     return
                 started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                lost = lost_rpc_workers()
+                streaming = b"text/event-stream" in dict(message.get("headers", [])).get(b"content-type", b"")
+            elif message["type"] == "http.response.body":
+                last = not message.get("more_body", False)
+                lost = lost_rpc_workers() if last else set()
                 if held is not None:
                     if lost:
                         completed = True
                         return await self.respond(send, 503, error_body(lost_message(lost)))
                     await send(held)
-                elif lost and started:
+                    held, started = None, True
+                elif lost and streaming:
                     await send({"type": "http.response.body", "more_body": True,
                                 "body": b"data: " + error_body(lost_message(lost)) + b"\n\n"})
-                completed = True
+                completed = completed or last
             await send(message)
 
         try:
@@ -92,10 +95,12 @@ class RpcRecovery:
             if completed:  # the client has the error already, and the server's log the loss
                 return
             body = error_body(lost_message(lost))
-            if started:
+            if streaming:
                 await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": False})
-            else:
+            elif not started:
                 await self.respond(send, 503, body)
+            else:  # a plain response cut short: end it; the server's log says why
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     async def respond(send, status: int, body: bytes) -> None:
