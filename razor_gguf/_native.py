@@ -18,7 +18,7 @@ import cffi
 
 BINDING_VERSION = "0.3.36"
 BASE_COMMIT = "0c1e57098"
-MIN_PATCH_VERSION = 4
+MIN_PATCH_VERSION = 5
 
 _CDEF = """
 uint32_t     llama_razor_patch_version(void);
@@ -29,6 +29,8 @@ int64_t      llama_razor_kv_bytes_swa(const void * ctx);
 int32_t      llama_razor_head_map(const void * ctx, int32_t * out, int32_t n);
 int32_t      llama_razor_window(const void * ctx, uint32_t * n_sink, uint32_t * n_window);
 int32_t      llama_razor_n_ubatch(const void * ctx);
+int32_t      llama_razor_layer_windows(const void * ctx, uint32_t * out, int32_t n);
+int32_t      llama_razor_ring_bytes(const void * ctx, uint32_t * windows, int64_t * bytes, int32_t n);
 """
 
 
@@ -207,6 +209,30 @@ def window(ctx) -> tuple[int, int] | None:
     if not lib.llama_razor_window(ffi.cast("void *", _ctx_ptr(ctx)), s, w):
         return None
     return int(s[0]), int(w[0])
+
+
+def layer_windows(ctx) -> list[int] | None:
+    """Each layer's window in effect ([n_layer], 0 for layers without local heads), None for a stock cache."""
+    ffi, lib = razor_lib()
+    p = ffi.cast("void *", _ctx_ptr(ctx))
+    n = lib.llama_razor_layer_windows(p, ffi.NULL, 0)
+    if n == 0:
+        return None
+    buf = ffi.new("uint32_t[]", n)
+    lib.llama_razor_layer_windows(p, buf, n)
+    return [int(x) for x in buf]
+
+
+def ring_bytes(ctx) -> list[tuple[int, int]] | None:
+    """(window, allocated KV bytes) of each local ring, ascending window; None for a stock cache."""
+    ffi, lib = razor_lib()
+    p = ffi.cast("void *", _ctx_ptr(ctx))
+    n = lib.llama_razor_ring_bytes(p, ffi.NULL, ffi.NULL, 0)
+    if n == 0:
+        return None
+    w, b = ffi.new("uint32_t[]", n), ffi.new("int64_t[]", n)
+    lib.llama_razor_ring_bytes(p, w, b, n)
+    return [(int(w[i]), int(b[i])) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------- RPC

@@ -129,7 +129,8 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     kv_fraction (kv_bytes / full_equiv_bytes), saving (1 - kv_fraction), kv_budget
     (the budget asked for, as given, or the model's razor.kv_budget when no window was asked for; None
     without one), n_sink, window
-    (what the budget bought: the window in effect), n_ubatch (tokens per ubatch the razor cache runs),
+    (what the budget bought: the window in effect; with per-layer windows the base they scale), layer_windows
+    (each layer's window, 0 for layers without local heads), rings ([(window, bytes)] of the local rings), n_ubatch (tokens per ubatch the razor cache runs),
     compensation (the compensation row in effect: the option, else the model's measured default),
     retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
     kb = _native.kv_bytes(llm._ctx.ctx)
@@ -152,6 +153,8 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
         "kv_budget": kv_budget if kv_budget is not None else _model_budget(llm),
         "n_sink": sw[0] if sw else None,
         "window": sw[1] if sw else None,
+        "layer_windows": _native.layer_windows(llm._ctx.ctx),
+        "rings": _native.ring_bytes(llm._ctx.ctx),
         "n_ubatch": _native.n_ubatch(llm._ctx.ctx),
         "compensation": bool(comp) if kb.razor else None,
         "retrieval_heads": sum(hm) if hm else None,
@@ -173,6 +176,8 @@ class Llama(_llama_cpp.Llama):
              size ("96MiB", "1.5GiB"): sets the window for this context (not together with window;
              retrieval heads always keep every token). A budget below the smallest razor cache of the
              context is a ValueError naming the smallest.
+      layer_windows: False gives every layer the same window; None/True keeps the per-layer windows
+             embed-heads stored (razor.layer_window_scale: `window` and the budget then set their mean).
     rpc_servers: llama.cpp RPC workers (`razor-gguf rpc-server`), ["HOST:PORT", ...] or "HOST:PORT,...",
              registered as devices before the model loads; layers offloaded with n_gpu_layers are split
              across them (and their KV cache, razor's included, lives there). A worker that does not answer
@@ -188,10 +193,10 @@ class Llama(_llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, razor: bool | None = None, n_sink: int | None = None,
                  window: int | None = None, retrieval_ratio: float | None = None,
                  compensation: bool | None = None, kv_budget: float | str | None = None,
-                 rpc_servers: str | list[str] | None = None, **kwargs: Any) -> None:
+                 layer_windows: bool | None = None, rpc_servers: str | list[str] | None = None, **kwargs: Any) -> None:
         if rpc_servers:
             _native.add_rpc_servers(rpc_servers)
-        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget)
+        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget, layer_windows)
         theirs = dict(kwargs.pop("kv_overrides", None) or {})
         clash = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
         if clash:

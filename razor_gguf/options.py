@@ -61,6 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
                    help="re-select this fraction of KV heads as retrieval heads from the stored scores")
     g.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="the compensation row of evicted tokens (default: on)")
+    g.add_argument("--layer-windows", action=argparse.BooleanOptionalAction, default=None,
+                   help="the per-layer windows embed-heads stored, if any (default: on); --no-layer-windows gives "
+                        "every layer the same window")
     add_kv_budget_argument(g)
 
 
@@ -104,6 +107,7 @@ def razor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "retrieval_ratio": pick("retrieval_ratio", "RAZOR_RETRIEVAL_RATIO", float),
         "compensation": pick("compensation", "RAZOR_COMPENSATION", _env_bool),
         "kv_budget": pick("kv_budget", "RAZOR_KV_BUDGET", str),
+        "layer_windows": getattr(args, "layer_windows", None),
     }
 
 

@@ -11,7 +11,7 @@ extern "C" {
 #endif
 
 // Bumped whenever the razor patch series changes behaviour or adds entry points.
-#define LLAMA_RAZOR_PATCH_VERSION 4
+#define LLAMA_RAZOR_PATCH_VERSION 5
 
 // Version of the razor patch series compiled into this library.
 LLAMA_API uint32_t llama_razor_patch_version(void);
@@ -37,8 +37,18 @@ LLAMA_API int64_t llama_razor_kv_bytes_swa(const struct llama_context * ctx);
 // Returns the number of entries, 0 when ctx does not run the razor cache.
 LLAMA_API int32_t llama_razor_head_map(const struct llama_context * ctx, int32_t * out, int32_t n);
 
-// n_sink and window in effect; returns 1 for a razor cache, 0 otherwise (outputs untouched).
+// n_sink and window in effect (with per-layer windows, razor.layer_window_scale: the base window the scales
+// multiply); returns 1 for a razor cache, 0 otherwise (outputs untouched).
 LLAMA_API int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, uint32_t * n_window);
+
+// The window of each layer's local heads ([n_layer], 0 for layers without local heads), copied into out
+// (capacity n). Returns n_layer, 0 when ctx does not run the razor cache.
+LLAMA_API int32_t llama_razor_layer_windows(const struct llama_context * ctx, uint32_t * out, int32_t n);
+
+// The local rings (one per distinct window, ascending): window and allocated KV bytes of each (their sum is
+// llama_razor_kv_bytes' out[1]), copied into windows and bytes (capacity n). Returns the number of rings,
+// 0 when ctx does not run the razor cache.
+LLAMA_API int32_t llama_razor_ring_bytes(const struct llama_context * ctx, uint32_t * windows, int64_t * bytes, int32_t n);
 
 // Tokens per ubatch the razor cache runs: batches are split into ubatches of at most this many tokens
 // (at most the context's n_ubatch; smaller where the local ring has no room for more). 0 for a stock cache.

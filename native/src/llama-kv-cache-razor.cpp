@@ -28,6 +28,23 @@ uint32_t llama_razor_config::n_retrieval(uint32_t il) const {
     return n;
 }
 
+uint32_t llama_razor_config::window(uint32_t il) const {
+    if (layer_window_scale.empty()) {
+        return n_window;
+    }
+    return (uint32_t) std::max(1.0, std::round((double) layer_window_scale[il]*n_window));
+}
+
+uint32_t llama_razor_config::max_window() const {
+    uint32_t w = 0;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        if (n_local(il) > 0) {
+            w = std::max(w, window(il));
+        }
+    }
+    return std::max(w, 1u);
+}
+
 namespace {
 
 const llama_model_kv_override * razor_override(const llama_model_loader & ml, const char * key) {
@@ -145,14 +162,15 @@ bool razor_get_i64(const llama_model_loader & ml, const char * key, int64_t & ou
 
 } // namespace
 
-llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
-    const uint32_t n_keep = n_seq_stream*(cfg.n_sink + cfg.n_window);
+static llama_razor_ring razor_ring_for(const llama_razor_config & cfg, uint32_t n_window, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
+    const uint32_t n_keep = n_seq_stream*(cfg.n_sink + n_window);
     // the slack (one ubatch of new tokens, plus a scratch row per query with the compensation row) costs at
     // most about half the window
-    const uint32_t n_ub0 = std::max(1u, std::min(n_ubatch, std::max(32u, cfg.n_window/4)));
+    const uint32_t n_ub0 = std::max(1u, std::min(n_ubatch, std::max(32u, n_window/4)));
     const uint32_t k = cfg.compensation ? 2 : 1; // ring rows per ubatch token
 
     llama_razor_ring r;
+    r.n_window = n_window;
     r.size = GGML_PAD(std::min(n_keep + cfg.n_margin_min + n_ub0, kv_size) + (k - 1)*n_ub0, 256);
     if ((uint64_t) n_keep + cfg.n_margin_min + (uint64_t) k*n_ubatch <= r.size) {
         // the context's ubatch fits the padded ring: no split (the same ubatch boundaries as the stock cache)
@@ -167,10 +185,40 @@ llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n
     return r;
 }
 
-// the context's local ring is no larger than the context (else there is nothing to save)
+std::vector<llama_razor_ring> llama_razor_rings_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
+    std::vector<uint32_t> windows;
+    for (uint32_t il = 0; il < cfg.n_layer; ++il) {
+        if (cfg.n_local(il) > 0) {
+            windows.push_back(cfg.window(il));
+        }
+    }
+    std::sort(windows.begin(), windows.end());
+    windows.erase(std::unique(windows.begin(), windows.end()), windows.end());
+
+    std::vector<llama_razor_ring> rings;
+    uint32_t n_ub = n_ubatch;
+    for (uint32_t w : windows) {
+        rings.push_back(razor_ring_for(cfg, w, n_seq_stream, n_ubatch, kv_size));
+        n_ub = std::min(n_ub, rings.back().n_ubatch);
+    }
+    // one ubatch split for every ring: the smallest ring's; the others give the rows this frees to their margin
+    const uint32_t k = cfg.compensation ? 2 : 1;
+    for (auto & r : rings) {
+        const int64_t n_keep = (int64_t) n_seq_stream*(cfg.n_sink + r.n_window);
+        r.n_ubatch = n_ub;
+        r.n_margin = (uint32_t) std::clamp<int64_t>((int64_t) r.size - n_keep - (int64_t) k*n_ub, 0, LLAMA_RAZOR_MARGIN);
+    }
+    return rings;
+}
+
+// the context's local rings are no larger than the context (else there is nothing to save)
 static bool razor_ring_fits(const llama_razor_config & cfg, const llama_cparams & cparams) {
-    const auto ring = llama_razor_ring_for(cfg, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX);
-    return ring.size <= GGML_PAD(cparams.n_ctx_seq, 256);
+    for (const auto & r : llama_razor_rings_for(cfg, cparams.kv_unified ? cparams.n_seq_max : 1, cparams.n_ubatch, UINT32_MAX)) {
+        if (r.size > GGML_PAD(cparams.n_ctx_seq, 256)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader & ml, const llama_hparams & hparams) {
@@ -250,6 +298,21 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
         return cfg;
     }
 
+    // windows per layer, unless razor.layer_windows = false
+    bool layer_windows = true;
+    razor_get_bool(ml, "razor.layer_windows", layer_windows);
+    if (layer_windows && razor_get_f32_arr(ml, "razor.layer_window_scale", cfg->layer_window_scale)) {
+        if (cfg->layer_window_scale.size() != cfg->n_layer) {
+            throw std::runtime_error(format("razor: razor.layer_window_scale has %zu entries but the model has %u layers",
+                    cfg->layer_window_scale.size(), cfg->n_layer));
+        }
+        for (float x : cfg->layer_window_scale) {
+            if (!(std::isfinite(x) && x > 0.0f)) {
+                throw std::runtime_error("razor: razor.layer_window_scale entries must be finite and > 0");
+            }
+        }
+    }
+
     // a retrieval ratio given at load time re-selects the heads from the stored scores
     float ratio = 0.0f;
     if (razor_get_float(ml, "razor.retrieval_ratio", ratio, /*override_only =*/ true)) {
@@ -276,8 +339,9 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
         n_retr += cfg->n_retrieval(il);
         n_swa  += cfg->is_swa(il);
     }
-    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)%s\n",
-            cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window, cfg->compensation ? "on" : "off",
+    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u%s, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)%s\n",
+            cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window,
+            cfg->layer_window_scale.empty() ? "" : " (scaled per layer)", cfg->compensation ? "on" : "off",
             n_retr, n_map, 100.0*n_retr/n_map,
             n_swa ? format(", %u of %u layers sliding-window (stock SWA cache)", n_swa, cfg->n_layer).c_str() : "");
     if (cfg->has_budget()) {
@@ -314,7 +378,7 @@ const char * llama_razor_unsupported(const llama_model & model, const llama_razo
     if (!cparams.causal_attn) {
         return "non-causal attention is not supported";
     }
-    if (cparams.n_ctx_seq <= cfg.n_sink + cfg.n_window) {
+    if (cparams.n_ctx_seq <= cfg.n_sink + cfg.max_window()) {
         return "the window covers the whole context, nothing would be evicted";
     }
     // the ring holds a ubatch of new tokens (and a scratch row per query) on top of sinks + window + margin
@@ -345,7 +409,15 @@ void llama_razor_bytes_for(
                   int64_t   out[5]) {
     const auto & hp = model.hparams;
     const int64_t n_stream = unified ? 1 : n_seq_max;
-    const uint32_t ring = llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size).size;
+    const auto rings = llama_razor_rings_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size);
+    auto ring_size = [&](uint32_t il) {
+        for (const auto & r : rings) {
+            if (r.n_window == cfg.window(il)) {
+                return r.size;
+            }
+        }
+        GGML_ABORT("razor: no ring for layer %u", il);
+    };
     const uint32_t size_swa = llama_razor_swa_size(hp, swa_full, unified, kv_size, n_seq_max, n_ubatch);
     // ggml_backend_alloc_ctx_tensors pads every tensor to the buffer's alignment: count a generous 256 bytes
     auto tensor = [](int64_t bytes) { return GGML_PAD(bytes, 256); };
@@ -365,6 +437,7 @@ void llama_razor_bytes_for(
                       tensor((int64_t) kv_size*n_stream*ggml_row_size(type_v, dv*n_retr));
         }
         if (n_loc > 0) {
+            const uint32_t ring = ring_size(il);
             out[1] += tensor((int64_t) ring*n_stream*ggml_row_size(type_k, dk*n_loc)) +
                       tensor((int64_t) ring*n_stream*ggml_row_size(type_v, dv*n_loc));
             out[2] += cfg.compensation ? tensor((int64_t) n_seq_max*(dk + dv)*n_loc*(int64_t) sizeof(float)) : 0;
@@ -426,7 +499,8 @@ bool llama_razor_fit_budget(
     uint32_t hi = kv_size > cfg.n_sink + 1 ? kv_size - cfg.n_sink - 1 : 1;
     auto fits = [&](uint32_t w) {
         int64_t bw[5];
-        return bytes(w, bw) <= budget && razor_ring_fits(with_window(w), cparams);
+        const auto c = with_window(w);
+        return c.n_sink + c.max_window() < kv_size && bytes(w, bw) <= budget && razor_ring_fits(c, cparams);
     };
     while (lo < hi) {
         const uint32_t mid = lo + (hi - lo + 1)/2;
@@ -506,21 +580,38 @@ llama_kv_cache_razor::llama_kv_cache_razor(
                  uint32_t   n_seq_max,
                  uint32_t   n_ubatch,
 std::unique_ptr<llama_kv_cache> kv_swa) :
-    model(model), cfg(cfg), hparams_retr(model.hparams), hparams_loc(model.hparams),
-    n_seq_max(n_seq_max), unified(unified), ring(llama_razor_ring_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size)),
-    n_scratch(cfg.compensation ? ring.n_ubatch : 0), n_margin(ring.n_margin), kv_swa(std::move(kv_swa)) {
+    model(model), cfg(cfg), hparams_retr(model.hparams),
+    n_seq_max(n_seq_max), unified(unified), kv_swa(std::move(kv_swa)) {
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer_all;
 
     GGML_ASSERT(cfg.n_layer == n_layer);
 
+    for (const auto & geom : llama_razor_rings_for(cfg, unified ? n_seq_max : 1, n_ubatch, kv_size)) {
+        auto rg = std::make_unique<ring_group>();
+        rg->geom      = geom;
+        rg->n_scratch = cfg.compensation ? geom.n_ubatch : 0;
+        rg->hparams   = model.hparams;
+        rg->seqs.assign(n_seq_max, seq_state{});
+        rings.push_back(std::move(rg));
+        this->n_ubatch = geom.n_ubatch;
+    }
+    GGML_ASSERT(!rings.empty());
+
     bool any_retr = false;
     perms.resize(n_layer);
     inv_perms.resize(n_layer);
+    ring_idx.assign(n_layer, -1);
     for (uint32_t il = 0; il < n_layer; ++il) {
         hparams_retr.n_head_kv_arr[il] = cfg.n_retrieval(il);
-        hparams_loc .n_head_kv_arr[il] = cfg.n_local(il);
         any_retr = any_retr || cfg.n_retrieval(il) > 0;
+        for (uint32_t r = 0; r < rings.size(); ++r) {
+            const bool mine = cfg.n_local(il) > 0 && rings[r]->n_window() == cfg.window(il);
+            rings[r]->hparams.n_head_kv_arr[il] = mine ? cfg.n_local(il) : 0;
+            if (mine) {
+                ring_idx[il] = r;
+            }
+        }
 
         auto & p = perms[il];
         for (uint32_t h = 0; h < cfg.n_head_kv; ++h) {
@@ -540,7 +631,6 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
     }
 
     const layer_filter_cb filter_retr = [&](int32_t il) { return cfg.n_retrieval(il) > 0; };
-    const layer_filter_cb filter_loc  = [&](int32_t il) { return cfg.n_local(il)     > 0; };
 
     // the V caches are never transposed: with per-layer head counts a transposed V would be padded to
     // the widest layer ([TAG_V_CACHE_VARIABLE]), and the local ring needs whole-row scratch writes
@@ -551,17 +641,24 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
                 0, LLAMA_SWA_TYPE_NONE, nullptr, filter_retr, nullptr, nullptr, "retr_");
     }
 
-    // ring: sinks + window of every sequence in a stream, the margin, one ubatch of new tokens, the scratch rows
-    const uint32_t size_loc = ring.size;
-
-    LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells (n_sink = %u, window = %u, ubatch = scratch = %u, margin = %u)\n",
-            __func__, size_loc, cfg.n_sink, cfg.n_window, n_scratch, n_margin);
-    kv_loc = std::make_unique<llama_kv_cache>(
-            model, hparams_loc, type_k, type_v, /*v_trans =*/ false, offload, unified, size_loc, n_seq_max, 1,
-            // recycling follows the stored sums (window + margin); the window itself is applied to the mask per query
-            cfg.n_window + n_margin, LLAMA_SWA_TYPE_STANDARD, nullptr, filter_loc, nullptr, nullptr, "loc_");
-    // one sequence per stream: place tokens by position, so that the cache layout does not depend on its history
-    kv_loc->set_sinks_and_reserved(cfg.n_sink, n_scratch, /*pos_ring =*/ !unified || n_seq_max == 1);
+    // rings: sinks + window of every sequence in a stream, the margin, one ubatch of new tokens, the scratch rows
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        auto & rg = *rings[r];
+        uint32_t n_lay = 0;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            n_lay += ring_idx[il] == (int32_t) r;
+        }
+        LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells, %u layers (n_sink = %u, window = %u, ubatch = scratch = %u, margin = %u)\n",
+                __func__, rg.geom.size, n_lay, cfg.n_sink, rg.n_window(), rg.n_scratch, rg.n_margin());
+        const layer_filter_cb filter_loc = [&](int32_t il) { return ring_idx[il] == (int32_t) r; };
+        rg.kv = std::make_unique<llama_kv_cache>(
+                model, rg.hparams, type_k, type_v, /*v_trans =*/ false, offload, unified, rg.geom.size, n_seq_max, 1,
+                // recycling follows the stored sums (window + margin); the window itself is applied to the mask per query
+                rg.n_window() + rg.n_margin(), LLAMA_SWA_TYPE_STANDARD, nullptr, filter_loc, nullptr, nullptr,
+                rings.size() == 1 ? "loc_" : format("loc%u_", r).c_str());
+        // one sequence per stream: place tokens by position, so that the cache layout does not depend on its history
+        rg.kv->set_sinks_and_reserved(cfg.n_sink, rg.n_scratch, /*pos_ring =*/ !unified || n_seq_max == 1);
+    }
 
     // compensation state, next to each layer's KV
     struct buft_cmp {
@@ -582,7 +679,8 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
             ggml_init_params params = { size_t(n_layer*ggml_tensor_overhead()), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
         }
-        const int64_t n_embd = hparams_loc.n_embd_k_gqa(il) + hparams_loc.n_embd_v_gqa(il);
+        const auto & hl = rings[ring_idx[il]]->hparams;
+        const int64_t n_embd = hl.n_embd_k_gqa(il) + hl.n_embd_v_gqa(il);
         comp[il] = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, n_embd, n_seq_max);
         ggml_format_name(comp[il], "razor_comp_l%d", il);
     }
@@ -600,8 +698,6 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
         ggml_backend_buffer_clear(buf, 0);
         comp_bufs.emplace_back(std::move(ctx), buf);
     }
-
-    seqs.assign(n_seq_max, seq_state{});
 
     // what a stock cache of this context would allocate (for an iSWA model: its full cache of the global layers
     // and the same SWA cache)
@@ -628,7 +724,10 @@ void llama_kv_cache_razor::kv_bytes(int64_t out[5]) const {
         return s;
     };
     out[0] = kv_retr ? sum(kv_retr->memory_breakdown()) : 0;
-    out[1] = sum(kv_loc->memory_breakdown());
+    out[1] = 0;
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        out[1] += ring_bytes(r);
+    }
     out[2] = 0;
     for (const auto & [ctx, buf] : comp_bufs) {
         out[2] += model.hparams.no_alloc ? ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.get(), ggml_backend_buffer_get_type(buf.get()))
@@ -638,11 +737,19 @@ void llama_kv_cache_razor::kv_bytes(int64_t out[5]) const {
     out[3] = bytes_full_equiv + out[4];
 }
 
+int64_t llama_kv_cache_razor::ring_bytes(uint32_t r) const {
+    int64_t s = 0;
+    for (const auto & [buft, size] : rings[r]->kv->memory_breakdown()) {
+        s += size;
+    }
+    return s;
+}
+
 llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
     GGML_UNUSED(embd_all);
 
-    // the ring has room for ubatches of ring.n_ubatch tokens (at most the context's)
-    n_ubatch = std::min(n_ubatch, ring.n_ubatch);
+    // the rings have room for ubatches of this->n_ubatch tokens (at most the context's)
+    n_ubatch = std::min(n_ubatch, this->n_ubatch);
 
     for (int attempt = 0; attempt < 2; ++attempt) {
         const bool simple = attempt == 0;
@@ -671,8 +778,14 @@ llama_memory_context_ptr llama_kv_cache_razor::init_batch(llama_batch_allocr & b
                 continue;
             }
         }
-        auto sinfos_loc = kv_loc->prepare(ubatches);
-        if (sinfos_loc.empty()) {
+        std::vector<llama_kv_cache::slot_info_vec_t> sinfos_loc;
+        for (const auto & rg : rings) {
+            sinfos_loc.push_back(rg->kv->prepare(ubatches));
+            if (sinfos_loc.back().empty()) {
+                break;
+            }
+        }
+        if (sinfos_loc.back().empty()) {
             continue;
         }
         llama_kv_cache::slot_info_vec_t sinfos_swa;
@@ -707,7 +820,9 @@ void llama_kv_cache_razor::clear(bool data) {
     if (kv_retr) {
         kv_retr->clear(data);
     }
-    kv_loc->clear(data);
+    for (auto & rg : rings) {
+        rg->kv->clear(data);
+    }
     if (kv_swa) {
         kv_swa->clear(data);
     }
@@ -721,9 +836,18 @@ void llama_kv_cache_razor::clear(bool data) {
     }
 }
 
+bool llama_kv_cache_razor::any_folded(llama_seq_id s) const {
+    for (const auto & rg : rings) {
+        if (rg->seqs[s].l > 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
 void llama_kv_cache_razor::reset_seq(llama_seq_id s) {
     // the graph adds new rows to the stored sums: they must start from zero
-    if (seqs[s].l > 0) {
+    if (any_folded(s)) {
         std::vector<float> zero;
         for (size_t il = 0; il < comp.size(); ++il) {
             if (comp[il]) {
@@ -732,7 +856,9 @@ void llama_kv_cache_razor::reset_seq(llama_seq_id s) {
             }
         }
     }
-    seqs[s] = seq_state{};
+    for (auto & rg : rings) {
+        rg->seqs[s] = seq_state{};
+    }
 }
 
 void llama_kv_cache_razor::comp_col_get(int32_t il, llama_seq_id s, std::vector<float> & dst) const {
@@ -770,20 +896,22 @@ bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
         if (seq_id >= 0 && s != seq_id) {
             continue;
         }
-        const auto & st = seqs[s];
-        if (st.l == 0) {
+        if (!any_folded(s)) {
             todo.emplace_back(s, KEEP);         // nothing in the stored sums yet
         } else if (tail && p0 <= n_sink) {
             todo.emplace_back(s, RESET);        // every summed token goes
-        } else if (tail) {
-            // the next query at p0 evicts [n_sink, p0 - W]: the stored sums must not go beyond that
-            if (p0 - (llama_pos) cfg.n_window < st.g) {
-                return false;
-            }
-            todo.emplace_back(s, KEEP);
-        } else if (p0 <= st.g && p1 > n_sink) {
-            return false;                       // a hole in the summed history cannot be undone
         } else {
+            for (const auto & rg : rings) {
+                const auto & st = rg->seqs[s];
+                if (st.l == 0) {
+                    continue;
+                }
+                // tail: the next query at p0 evicts [n_sink, p0 - W]: the stored sums must not go beyond that;
+                // otherwise a hole in the summed history cannot be undone
+                if (tail ? p0 - (llama_pos) rg->n_window() < st.g : (p0 <= st.g && p1 > n_sink)) {
+                    return false;
+                }
+            }
             todo.emplace_back(s, KEEP);
         }
     }
@@ -798,7 +926,9 @@ bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
     if (kv_retr) {
         res = kv_retr->seq_rm(seq_id, p0, p1) && res;
     }
-    res = kv_loc->seq_rm(seq_id, p0, p1) && res;
+    for (auto & rg : rings) {
+        res = rg->kv->seq_rm(seq_id, p0, p1) && res;
+    }
     if (kv_swa) {
         res = kv_swa->seq_rm(seq_id, p0, p1) && res;
     }
@@ -812,18 +942,21 @@ void llama_kv_cache_razor::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_d
     if (kv_retr) {
         kv_retr->seq_cp(seq_id_src, seq_id_dst, p0, p1);
     }
-    kv_loc->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+    for (auto & rg : rings) {
+        rg->kv->seq_cp(seq_id_src, seq_id_dst, p0, p1);
+    }
     if (kv_swa) {
         kv_swa->seq_cp(seq_id_src, seq_id_dst, p0, p1);
     }
 
-    const auto & src = seqs[seq_id_src];
     const bool whole = p0 <= 0 && (p1 < 0 || p1 > seq_pos_max(seq_id_src));
-    if (!whole || src.l == 0) {
+    if (!whole || !any_folded(seq_id_src)) {
         reset_seq(seq_id_dst);
         return;
     }
-    seqs[seq_id_dst] = src;
+    for (auto & rg : rings) {
+        rg->seqs[seq_id_dst] = rg->seqs[seq_id_src];
+    }
     std::vector<float> col;
     for (size_t il = 0; il < comp.size(); ++il) {
         if (comp[il]) {
@@ -837,7 +970,9 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
     if (kv_retr) {
         kv_retr->seq_keep(seq_id);
     }
-    kv_loc->seq_keep(seq_id);
+    for (auto & rg : rings) {
+        rg->kv->seq_keep(seq_id);
+    }
     if (kv_swa) {
         kv_swa->seq_keep(seq_id);
     }
@@ -850,7 +985,7 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
 
 void llama_kv_cache_razor::reset_folded(llama_seq_id seq_id, const char * caller, const char * what) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
-        if ((seq_id < 0 || s == seq_id) && seqs[s].l > 0) {
+        if ((seq_id < 0 || s == seq_id) && any_folded(s)) {
             if (cfg.compensation) {
                 LLAMA_LOG_WARN("%s: razor: %s sequence %d whose evicted tokens are folded; its compensation row is dropped\n", caller, what, s);
             }
@@ -864,7 +999,9 @@ void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos 
     if (kv_retr) {
         kv_retr->seq_add(seq_id, p0, p1, shift);
     }
-    kv_loc->seq_add(seq_id, p0, p1, shift);
+    for (auto & rg : rings) {
+        rg->kv->seq_add(seq_id, p0, p1, shift);
+    }
     if (kv_swa) {
         kv_swa->seq_add(seq_id, p0, p1, shift);
     }
@@ -875,7 +1012,9 @@ void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos 
     if (kv_retr) {
         kv_retr->seq_div(seq_id, p0, p1, d);
     }
-    kv_loc->seq_div(seq_id, p0, p1, d);
+    for (auto & rg : rings) {
+        rg->kv->seq_div(seq_id, p0, p1, d);
+    }
     if (kv_swa) {
         kv_swa->seq_div(seq_id, p0, p1, d);
     }
@@ -887,15 +1026,27 @@ llama_pos llama_kv_cache_razor::seq_pos_min(llama_seq_id seq_id) const {
     if (kv_swa) {
         return kv_swa->seq_pos_min(seq_id);
     }
-    return kv_retr ? kv_retr->seq_pos_min(seq_id) : kv_loc->seq_pos_min(seq_id);
+    if (kv_retr) {
+        return kv_retr->seq_pos_min(seq_id);
+    }
+    llama_pos p = -1;
+    for (const auto & rg : rings) {
+        p = std::max(p, rg->kv->seq_pos_min(seq_id));
+    }
+    return p;
 }
 
 llama_pos llama_kv_cache_razor::seq_pos_max(llama_seq_id seq_id) const {
-    return kv_retr ? kv_retr->seq_pos_max(seq_id) : kv_loc->seq_pos_max(seq_id);
+    return kv_retr ? kv_retr->seq_pos_max(seq_id) : rings[0]->kv->seq_pos_max(seq_id);
 }
 
 std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_razor::memory_breakdown() const {
-    std::map<ggml_backend_buffer_type_t, size_t> mb = kv_loc->memory_breakdown();
+    std::map<ggml_backend_buffer_type_t, size_t> mb;
+    for (const auto & rg : rings) {
+        for (const auto & [buft, size] : rg->kv->memory_breakdown()) {
+            mb[buft] += size;
+        }
+    }
     if (kv_retr) {
         for (const auto & [buft, size] : kv_retr->memory_breakdown()) {
             mb[buft] += size;
@@ -918,18 +1069,23 @@ void llama_kv_cache_razor::state_write(llama_io_write_i & io, llama_seq_id seq_i
     if (kv_retr && (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
         kv_retr->state_write(io, seq_id, flags);
     }
-    kv_loc->state_write(io, seq_id, flags);
+    for (const auto & rg : rings) {
+        rg->kv->state_write(io, seq_id, flags);
+    }
     if (kv_swa) {
         kv_swa->state_write(io, seq_id, flags);
     }
 
+    // one ring: the layout of a cache with one window everywhere
     io.write(&RAZOR_STATE_MAGIC, sizeof(RAZOR_STATE_MAGIC));
     const uint32_t n = seq_id < 0 ? n_seq_max : 1;
     io.write(&n, sizeof(n));
-    for (uint32_t i = 0; i < n; ++i) {
-        const auto & st = seqs[seq_id < 0 ? i : seq_id];
-        io.write(&st.l, sizeof(st.l));
-        io.write(&st.g, sizeof(st.g));
+    for (const auto & rg : rings) {
+        for (uint32_t i = 0; i < n; ++i) {
+            const auto & st = rg->seqs[seq_id < 0 ? i : seq_id];
+            io.write(&st.l, sizeof(st.l));
+            io.write(&st.g, sizeof(st.g));
+        }
     }
     for (ggml_tensor * t : comp) {
         if (!t) {
@@ -947,7 +1103,9 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
     if (kv_retr && (flags & LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == 0) {
         kv_retr->state_read(io, seq_id, flags);
     }
-    kv_loc->state_read(io, seq_id, flags);
+    for (auto & rg : rings) {
+        rg->kv->state_read(io, seq_id, flags);
+    }
     if (kv_swa) {
         kv_swa->state_read(io, seq_id, flags);
     }
@@ -958,7 +1116,7 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
     if (magic != RAZOR_STATE_MAGIC || n != (seq_id < 0 ? n_seq_max : 1u)) {
         throw std::runtime_error("razor: the saved state was not written by a razor cache of this configuration");
     }
-    std::vector<seq_state> st(n);
+    std::vector<seq_state> st((size_t) n*rings.size());
     for (auto & s : st) {
         io.read(&s.l, sizeof(s.l));
         io.read(&s.g, sizeof(s.g));
@@ -973,19 +1131,27 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
             io.read_tensor(t, seq_id*t->nb[1], t->nb[1]);
         }
     }
-    for (uint32_t i = 0; i < n; ++i) {
-        seqs[seq_id < 0 ? i : seq_id] = st[i];
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        for (uint32_t i = 0; i < n; ++i) {
+            rings[r]->seqs[seq_id < 0 ? i : seq_id] = st[(size_t) r*n + i];
+        }
     }
 }
 
-bool llama_kv_cache_razor::plan_ubatch(const llama_ubatch & ub, fold_plan & P) {
+bool llama_kv_cache_razor::plan_ubatch(uint32_t r, const llama_ubatch & ub, fold_plan & P) {
+    auto & rg = *rings[r];
+    auto & seqs = rg.seqs;
+    const llama_kv_cache * kv_loc = rg.kv.get();
+    const uint32_t n_margin  = rg.n_margin();
+    const uint32_t n_scratch = rg.n_scratch;
+
     const uint32_t T  = ub.n_tokens;
     const uint32_t NS = ub.n_seqs_unq;
     const uint32_t NR = n_margin + T; // rows per sequence: evicted, not yet in the stored sums
     const uint32_t R  = T + NS;
 
     const llama_pos S = cfg.n_sink;
-    const llama_pos W = cfg.n_window;
+    const llama_pos W = rg.n_window();
 
     const uint32_t size    = kv_loc->get_size();
     const uint32_t n_strm  = unified ? 1 : NS;
@@ -1104,35 +1270,47 @@ llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_memory_status s
 llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor * kv) :
     kv(kv),
     ctx_retr(kv->get_retr() ? kv->get_retr()->init_full() : nullptr),
-    ctx_loc (kv->get_loc()->init_full()),
-    ctx_swa (kv->get_swa() ? kv->get_swa()->init_full() : nullptr),
-    status(combined_status()) {
+    ctx_swa (kv->get_swa() ? kv->get_swa()->init_full() : nullptr) {
+    for (uint32_t r = 0; r < kv->n_rings(); ++r) {
+        ctx_loc.push_back(kv->get_loc(r)->init_full());
+    }
+    plans.resize(kv->n_rings());
+    status = combined_status();
 }
 
 llama_kv_cache_razor_context::llama_kv_cache_razor_context(llama_kv_cache_razor * kv, llama_context * lctx, bool optimize) :
     kv(kv),
     ctx_retr(kv->get_retr() ? kv->get_retr()->init_update(lctx, optimize) : nullptr),
-    ctx_loc (kv->get_loc()->init_update(lctx, optimize)),
-    ctx_swa (kv->get_swa() ? kv->get_swa()->init_update(lctx, optimize) : nullptr),
-    status(combined_status()) {
+    ctx_swa (kv->get_swa() ? kv->get_swa()->init_update(lctx, optimize) : nullptr) {
+    for (uint32_t r = 0; r < kv->n_rings(); ++r) {
+        ctx_loc.push_back(kv->get_loc(r)->init_update(lctx, optimize));
+    }
+    plans.resize(kv->n_rings());
+    status = combined_status();
 }
 
 llama_kv_cache_razor_context::llama_kv_cache_razor_context(
         llama_kv_cache_razor * kv,
         slot_info_vec_t sinfos_retr,
-        slot_info_vec_t sinfos_loc,
+        std::vector<slot_info_vec_t> sinfos_loc,
         slot_info_vec_t sinfos_swa,
         std::vector<llama_ubatch> ubatches) :
     kv(kv),
     ubatches(std::move(ubatches)),
     ctx_retr(kv->get_retr() ? new llama_kv_cache_context(kv->get_retr(), std::move(sinfos_retr), this->ubatches) : nullptr),
-    ctx_loc (new llama_kv_cache_context(kv->get_loc(), std::move(sinfos_loc), this->ubatches)),
     ctx_swa (kv->get_swa() ? new llama_kv_cache_context(kv->get_swa(), std::move(sinfos_swa), this->ubatches) : nullptr),
     status(LLAMA_MEMORY_STATUS_SUCCESS) {
+    for (uint32_t r = 0; r < kv->n_rings(); ++r) {
+        ctx_loc.emplace_back(new llama_kv_cache_context(kv->get_loc(r), std::move(sinfos_loc[r]), this->ubatches));
+    }
+    plans.resize(kv->n_rings());
 }
 
 llama_memory_status llama_kv_cache_razor_context::combined_status() const {
-    llama_memory_status res = ctx_loc->get_status();
+    llama_memory_status res = ctx_loc[0]->get_status();
+    for (size_t r = 1; r < ctx_loc.size(); ++r) {
+        res = llama_memory_status_combine(res, ctx_loc[r]->get_status());
+    }
     for (const auto & c : { &ctx_retr, &ctx_swa }) {
         if (*c) {
             res = llama_memory_status_combine(res, (*c)->get_status());
@@ -1149,7 +1327,9 @@ bool llama_kv_cache_razor_context::next() {
     if (ctx_retr) {
         ctx_retr->next();
     }
-    ctx_loc->next();
+    for (auto & c : ctx_loc) {
+        c->next();
+    }
     if (ctx_swa) {
         ctx_swa->next();
     }
@@ -1164,14 +1344,16 @@ bool llama_kv_cache_razor_context::apply() {
     if (ctx_retr) {
         res = ctx_retr->apply() && res;
     }
-    res = ctx_loc->apply() && res;
+    for (auto & c : ctx_loc) {
+        res = c->apply() && res;
+    }
     if (ctx_swa) {
         res = ctx_swa->apply() && res;
     }
 
-    // batch contexts: the ubatch is in place, plan the fold of the tokens leaving the window
-    if (res && !ubatches.empty()) {
-        res = kv->plan_ubatch(ubatches[i_next], plan);
+    // batch contexts: the ubatch is in place, plan the fold of the tokens leaving each ring's window
+    for (uint32_t r = 0; r < plans.size() && res && !ubatches.empty(); ++r) {
+        res = kv->plan_ubatch(r, ubatches[i_next], plans[r]);
     }
     return res;
 }
@@ -1189,8 +1371,8 @@ const llama_kv_cache_context * llama_kv_cache_razor_context::get_retr() const {
     return static_cast<const llama_kv_cache_context *>(ctx_retr.get());
 }
 
-const llama_kv_cache_context * llama_kv_cache_razor_context::get_loc() const {
-    return static_cast<const llama_kv_cache_context *>(ctx_loc.get());
+const llama_kv_cache_context * llama_kv_cache_razor_context::get_loc(uint32_t r) const {
+    return static_cast<const llama_kv_cache_context *>(ctx_loc[r].get());
 }
 
 const llama_kv_cache_context * llama_kv_cache_razor_context::get_swa() const {
@@ -1234,47 +1416,58 @@ static bool razor_is_set(const ggml_tensor * t) {
 }
 
 void llm_graph_input_attn_kv_razor::set_input(const llama_ubatch * ubatch) {
-    const auto * loc = mctx_razor->get_loc();
-    const auto * kv  = mctx_razor->get_razor();
-    const auto & P   = mctx_razor->get_plan();
+    const auto * kv = mctx_razor->get_razor();
+    const bool comp = kv->get_config().compensation;
 
     if (mctx) {
         llm_graph_input_attn_kv::set_input(ubatch);
     } else {
         if (razor_is_set(self_k_rot)) {
-            loc->set_input_k_rot(self_k_rot);
+            mctx_razor->get_loc(0)->set_input_k_rot(self_k_rot);
         }
         if (razor_is_set(self_v_rot)) {
-            loc->set_input_v_rot(self_v_rot);
+            mctx_razor->get_loc(0)->set_input_v_rot(self_v_rot);
         }
     }
 
-    if (razor_is_set(loc_k_idxs)) {
-        loc->set_input_k_idxs(loc_k_idxs, ubatch);
-    }
-    if (razor_is_set(loc_v_idxs)) {
-        loc->set_input_v_idxs(loc_v_idxs, ubatch);
-    }
-    if (razor_is_set(loc_kq_mask)) {
-        loc->set_input_kq_mask(loc_kq_mask, ubatch, cparams.causal_attn);
-        if (loc_kq_mask->type == GGML_TYPE_F16) {
-            razor_fill_mask_cols((ggml_fp16_t *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window, kv->get_config().compensation);
-        } else {
-            razor_fill_mask_cols((float *) loc_kq_mask->data, loc_kq_mask->ne[0], P, ubatch, kv->get_config().n_window, kv->get_config().compensation);
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        const auto * loc = mctx_razor->get_loc(r);
+        const auto & P   = mctx_razor->get_plan(r);
+        const auto & ri  = rings[r];
+        const uint32_t n_window = kv->get_ring(r).n_window();
+
+        if (razor_is_set(ri.k_idxs)) {
+            loc->set_input_k_idxs(ri.k_idxs, ubatch);
+        }
+        if (razor_is_set(ri.v_idxs)) {
+            loc->set_input_v_idxs(ri.v_idxs, ubatch);
+        }
+        if (razor_is_set(ri.kq_mask)) {
+            loc->set_input_kq_mask(ri.kq_mask, ubatch, cparams.causal_attn);
+            if (ri.kq_mask->type == GGML_TYPE_F16) {
+                razor_fill_mask_cols((ggml_fp16_t *) ri.kq_mask->data, ri.kq_mask->ne[0], P, ubatch, n_window, comp);
+            } else {
+                razor_fill_mask_cols((float *) ri.kq_mask->data, ri.kq_mask->ne[0], P, ubatch, n_window, comp);
+            }
+        }
+
+        GGML_ASSERT(P.n_tokens == ubatch->n_tokens);
+
+        if (razor_is_set(ri.fold_rows)) {
+            memcpy(ri.fold_rows->data, P.rows.data(), P.rows.size()*sizeof(int32_t));
+        }
+        if (razor_is_set(ri.fold_pick)) {
+            memcpy(ri.fold_pick->data, P.pick.data(), P.pick.size()*sizeof(int32_t));
+        }
+        if (razor_is_set(ri.fold_scale)) {
+            memcpy(ri.fold_scale->data, P.scale.data(), P.scale.size()*sizeof(float));
+        }
+        if (razor_is_set(ri.scratch_idx)) {
+            memcpy(ri.scratch_idx->data, P.scratch.data(), P.scratch.size()*sizeof(int64_t));
         }
     }
 
-    GGML_ASSERT(P.n_tokens == ubatch->n_tokens);
-
-    if (razor_is_set(fold_rows)) {
-        memcpy(fold_rows->data, P.rows.data(), P.rows.size()*sizeof(int32_t));
-    }
-    if (razor_is_set(fold_pick)) {
-        memcpy(fold_pick->data, P.pick.data(), P.pick.size()*sizeof(int32_t));
-    }
-    if (razor_is_set(fold_scale)) {
-        memcpy(fold_scale->data, P.scale.data(), P.scale.size()*sizeof(float));
-    }
+    const auto & P = mctx_razor->get_plan(0); // the ubatch's sequences: the same in every ring's plan
     if (razor_is_set(state_get)) {
         for (uint32_t i = 0; i < P.n_seqs; ++i) {
             ((int32_t *) state_get->data)[i] = (int32_t) P.state_cols[i];
@@ -1282,9 +1475,6 @@ void llm_graph_input_attn_kv_razor::set_input(const llama_ubatch * ubatch) {
     }
     if (razor_is_set(state_set)) {
         memcpy(state_set->data, P.state_cols.data(), P.state_cols.size()*sizeof(int64_t));
-    }
-    if (razor_is_set(scratch_idx)) {
-        memcpy(scratch_idx->data, P.scratch.data(), P.scratch.size()*sizeof(int64_t));
     }
 
     for (size_t il = 0; il < perm.size(); ++il) {
@@ -1317,11 +1507,16 @@ bool llm_graph_input_attn_kv_razor::can_reuse(const llm_graph_params & params) {
         res &= self_k_idxs->ne[0] == T;
         res &= razor_mask_fits(self_kq_mask, mctx, params);
     }
-    res &= loc_k_idxs->ne[0] == T;
-    res &= razor_mask_fits(loc_kq_mask, mctx_razor->get_loc(), params);
-    if (fold_rows) {
-        res &= fold_rows->ne[0] == (mctx_razor->get_razor()->get_n_margin() + T)*NS;
-        res &= fold_pick->ne[0] == T + NS;
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        const auto & ri = rings[r];
+        res &= ri.k_idxs->ne[0] == T;
+        res &= razor_mask_fits(ri.kq_mask, mctx_razor->get_loc(r), params);
+        if (ri.fold_rows) {
+            res &= ri.fold_rows->ne[0] == (mctx_razor->get_razor()->get_ring(r).n_margin() + T)*NS;
+            res &= ri.fold_pick->ne[0] == T + NS;
+        }
+    }
+    if (state_get) {
         res &= state_get->ne[0] == NS;
     }
     for (ggml_tensor * t : perm) {
@@ -1355,7 +1550,7 @@ static std::unique_ptr<llm_graph_input_attn_kv_razor> razor_new_attn_inp(const l
     auto inp = std::make_unique<llm_graph_input_attn_kv_razor>(g.hparams, g.cparams, rc);
 
     const auto * retr = rc->get_retr();
-    const auto * loc  = rc->get_loc();
+    const auto * loc  = rc->get_loc(0);
 
     if (retr) {
         inp->self_k_idxs      = retr->build_input_k_idxs(ctx0, ub);
@@ -1367,18 +1562,24 @@ static std::unique_ptr<llm_graph_input_attn_kv_razor> razor_new_attn_inp(const l
     inp->self_k_rot = (retr ? retr : loc)->build_input_k_rot(ctx0);
     inp->self_v_rot = (retr ? retr : loc)->build_input_v_rot(ctx0);
 
-    inp->loc_k_idxs  = loc->build_input_k_idxs(ctx0, ub);
-    inp->loc_v_idxs  = loc->build_input_v_idxs(ctx0, ub);
-    inp->loc_kq_mask = razor_new_mask(ctx0, loc, ub, g.cparams, "razor_inp_kq_mask_loc");
-
     const auto * kv = rc->get_razor();
+    inp->rings.resize(kv->n_rings());
+    for (uint32_t r = 0; r < kv->n_rings(); ++r) {
+        const auto * cl = rc->get_loc(r);
+        auto & ri = inp->rings[r];
+        ri.k_idxs  = cl->build_input_k_idxs(ctx0, ub);
+        ri.v_idxs  = cl->build_input_v_idxs(ctx0, ub);
+        ri.kq_mask = razor_new_mask(ctx0, cl, ub, g.cparams, "razor_inp_kq_mask_loc");
+        if (kv->get_config().compensation) {
+            ri.fold_rows   = razor_new_input(ctx0, GGML_TYPE_I32, (kv->get_ring(r).n_margin() + T)*NS, 0, "razor_inp_fold_rows");
+            ri.fold_pick   = razor_new_input(ctx0, GGML_TYPE_I32, T + NS, 0, "razor_inp_fold_pick");
+            ri.fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
+            ri.scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
+        }
+    }
     if (kv->get_config().compensation) {
-        inp->fold_rows   = razor_new_input(ctx0, GGML_TYPE_I32, (kv->get_n_margin() + T)*NS, 0, "razor_inp_fold_rows");
-        inp->fold_pick   = razor_new_input(ctx0, GGML_TYPE_I32, T + NS, 0, "razor_inp_fold_pick");
-        inp->fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
-        inp->state_get   = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
-        inp->state_set   = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
-        inp->scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
+        inp->state_get = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
+        inp->state_set = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
     }
 
     const uint32_t n_layer = g.hparams.n_layer_all;
@@ -1489,7 +1690,8 @@ static ggml_tensor * razor_merge_heads(ggml_context * ctx, ggml_tensor * inv_per
 // sums and writes each query's row (sums / l) into its scratch row of the ring. k_st, v_st: the ring's stores of
 // this ubatch, replaced by the scratch writes (the attention's K and V)
 static void razor_build_fold(const llm_graph_context & g, const llm_graph_input_attn_kv_razor * inp,
-        const llama_kv_cache_razor * kv, int il, int64_t T, ggml_tensor *& k_st, ggml_tensor *& v_st) {
+        const llm_graph_input_attn_kv_razor::ring_inp & ri, const llama_kv_cache_razor * kv, int il, int64_t T,
+        ggml_tensor *& k_st, ggml_tensor *& v_st) {
     ggml_context * ctx0 = g.ctx0;
     ggml_cgraph  * gf   = g.gf;
 
@@ -1500,11 +1702,11 @@ static void razor_build_fold(const llm_graph_context & g, const llm_graph_input_
     const int64_t nev = v2->ne[0];
 
     const int64_t NS  = inp->state_get->ne[0];
-    const int64_t NR  = inp->fold_rows->ne[0]/NS; // rows per sequence
+    const int64_t NR  = ri.fold_rows->ne[0]/NS; // rows per sequence
 
     ggml_tensor * comp = kv->get_comp(il);                                    // F32 [E = nek + nev, n_seq_max]
-    ggml_tensor * ek = ggml_get_rows(ctx0, k2,   inp->fold_rows);              // F32 [nek, NR*NS] (dequantized)
-    ggml_tensor * ev = ggml_get_rows(ctx0, v2,   inp->fold_rows);              // F32 [nev, NR*NS]
+    ggml_tensor * ek = ggml_get_rows(ctx0, k2,   ri.fold_rows);                // F32 [nek, NR*NS] (dequantized)
+    ggml_tensor * ev = ggml_get_rows(ctx0, v2,   ri.fold_rows);                // F32 [nev, NR*NS]
     ggml_tensor * s0 = ggml_get_rows(ctx0, comp, inp->state_get);              // F32 [E, NS]
     ggml_tensor * x  = ggml_concat(ctx0,
             ggml_reshape_3d(ctx0, s0, nek + nev, 1, NS),
@@ -1516,13 +1718,13 @@ static void razor_build_fold(const llm_graph_context & g, const llm_graph_input_
     c = ggml_reshape_2d(ctx0, ggml_cont(ctx0, ggml_permute(ctx0, c, 1, 0, 2, 3)), nek + nev, (NR + 1)*NS);
 
     // each query's sum / l, then each sequence's new sums
-    ggml_tensor * r = ggml_mul(ctx0, ggml_get_rows(ctx0, c, inp->fold_pick), inp->fold_scale); // [E, T + NS]
+    ggml_tensor * r = ggml_mul(ctx0, ggml_get_rows(ctx0, c, ri.fold_pick), ri.fold_scale); // [E, T + NS]
     g.cb(r, "razor_fold", il);
 
     ggml_tensor * ck = ggml_view_2d(ctx0, r, nek, T, r->nb[1], 0);
     ggml_tensor * cv = ggml_view_2d(ctx0, r, nev, T, r->nb[1], nek*ggml_element_size(r));
-    k_st = ggml_set_rows(ctx0, k2, ck, inp->scratch_idx);
-    v_st = ggml_set_rows(ctx0, v2, cv, inp->scratch_idx);
+    k_st = ggml_set_rows(ctx0, k2, ck, ri.scratch_idx);
+    v_st = ggml_set_rows(ctx0, v2, cv, ri.scratch_idx);
     ggml_build_forward_expand(gf, k_st);
     ggml_build_forward_expand(gf, v_st);
 
@@ -1597,19 +1799,21 @@ ggml_tensor * llama_razor_build_attn(
 
     // 3. local heads: store the new tokens in the ring, and with the compensation row fold the tokens that
     // leave the window; without it the evicted rows are only masked
-    const auto * cl = inp->mctx_razor->get_loc();
+    const int32_t ring = kv->ring_of(il);
+    const auto * cl = inp->mctx_razor->get_loc(ring);
+    const auto & ri = inp->rings[ring];
 
-    ggml_tensor * k_st = cl->cpy_k(ctx0, k_l, inp->loc_k_idxs, il);
-    ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, inp->loc_v_idxs, il);
+    ggml_tensor * k_st = cl->cpy_k(ctx0, k_l, ri.k_idxs, il);
+    ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, ri.v_idxs, il);
     if (kv->get_config().compensation) {
-        razor_build_fold(g, inp, kv, il, T, k_st, v_st);
+        razor_build_fold(g, inp, ri, kv, il, T, k_st, v_st);
     }
     ggml_build_forward_expand(gf, k_st);
     ggml_build_forward_expand(gf, v_st);
 
     ggml_tensor * k = razor_view_like(ctx0, k_st, cl->get_k(ctx0, il));
     ggml_tensor * v = razor_view_like(ctx0, v_st, cl->get_v(ctx0, il));
-    ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, inp->loc_kq_mask, nullptr, nullptr, 0, kq_scale, il);
+    ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, ri.kq_mask, nullptr, nullptr, 0, kq_scale, il);
 
     return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
 }
@@ -1670,6 +1874,30 @@ int32_t llama_razor_window(const struct llama_context * ctx, uint32_t * n_sink, 
     *n_sink   = rz->get_config().n_sink;
     *n_window = rz->get_config().n_window;
     return 1;
+}
+
+int32_t llama_razor_layer_windows(const struct llama_context * ctx, uint32_t * out, int32_t n) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz) {
+        return 0;
+    }
+    const auto & cfg = rz->get_config();
+    for (int32_t il = 0; il < std::min<int32_t>(n, cfg.n_layer); ++il) {
+        out[il] = cfg.n_local(il) > 0 ? cfg.window(il) : 0;
+    }
+    return (int32_t) cfg.n_layer;
+}
+
+int32_t llama_razor_ring_bytes(const struct llama_context * ctx, uint32_t * windows, int64_t * bytes, int32_t n) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz) {
+        return 0;
+    }
+    for (int32_t r = 0; r < std::min<int32_t>(n, rz->n_rings()); ++r) {
+        windows[r] = rz->get_ring(r).n_window();
+        bytes[r]   = rz->ring_bytes(r);
+    }
+    return (int32_t) rz->n_rings();
 }
 
 int32_t llama_razor_n_ubatch(const struct llama_context * ctx) {

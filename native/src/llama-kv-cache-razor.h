@@ -4,14 +4,18 @@
 //
 // Retrieval KV heads keep every token in a full cache (kv_retr). Every other ("local") KV head keeps
 // n_sink attention sinks, the n_window most recent positions and one compensation row per query in a
-// small ring (kv_loc): the mean of the evicted keys and values, weighted by their count l through a
-// log(l) term in the attention mask. Eviction depends only on positions, so every local head of every
-// layer evicts the same tokens; only the running sums (Σk, Σv) are per layer and head. They live in an
+// small ring (a llama_kv_cache of its own): the mean of the evicted keys and values, weighted by their count l
+// through a log(l) term in the attention mask. Eviction depends only on positions, so every local head of a
+// ring evicts the same tokens; only the running sums (Σk, Σv) are per layer and head. They live in an
 // F32 "compensation state" tensor per layer, one column per sequence, and are updated inside the graph.
 //
 // Semantics (exact per token, independent of the ubatch size): a query at position p of a local head
 // sees positions < n_sink, positions in (p - n_window, p] and a compensation row over every position
 // in [n_sink, p - n_window] of its sequence.
+//
+// Windows per layer (razor.layer_window_scale, KV-Compress's variable compression rates, allocated per layer by
+// embed-heads): the local heads of layer il keep window(il) recent positions, one ring per distinct window. Eviction
+// then depends on positions and the ring: the fold state and plan are per ring.
 //
 // Interleaved sliding-window models (Gemma 2/3 and the other models llama.cpp serves with llama_kv_cache_iswa):
 // only the global (full-attention) layers are split; the sliding-window layers keep llama.cpp's own SWA cache
@@ -56,6 +60,14 @@ struct llama_razor_config {
     // margin takes what the padding leaves
     uint32_t n_margin_min = 0;
 
+    // razor.layer_window_scale: layer il's local heads keep max(1, round(scale*n_window)) recent positions; empty =
+    // n_window for every layer. embed-heads writes scales averaging 1 over the local heads, so n_window (and a budget)
+    // buys about the memory of a uniform window. razor.layer_windows = false (a kv_override) ignores them
+    std::vector<float> layer_window_scale; // [n_layer]
+
+    uint32_t window(uint32_t il) const;
+    uint32_t max_window() const; // over the layers with local heads
+
     bool     is_swa     (uint32_t il) const { return !layer_swa.empty() && layer_swa[il]; }
     uint32_t n_retrieval(uint32_t il) const;
     uint32_t n_local    (uint32_t il) const { return is_swa(il) ? 0 : n_head_kv - n_retrieval(il); }
@@ -65,17 +77,19 @@ struct llama_razor_config {
 // re-adds them to the sums: keep decode cheap)
 #define LLAMA_RAZOR_MARGIN 64u
 
-// the local ring of a context, per stream: sinks + window of each of its n_seq_stream sequences, the margin,
+// a local ring of a context, per stream: sinks + window of each of its n_seq_stream sequences, the margin,
 // one ubatch of new tokens and, with the compensation row, one scratch row per query, padded to 256 cells (the
 // flash-attention kernels' KV stride). The razor cache splits batches into ubatches of n_ubatch tokens (at most the context's):
 // max(32, window/4) plus what the padding leaves, so that this slack costs about half the window, not 2 x n_ubatch
 struct llama_razor_ring {
+    uint32_t n_window = 0;
     uint32_t size     = 0;
     uint32_t n_ubatch = 0;
     uint32_t n_margin = 0;
 };
 
-llama_razor_ring llama_razor_ring_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size);
+// the rings of a context, one per distinct window of cfg (ascending), sharing the smallest ring's ubatch
+std::vector<llama_razor_ring> llama_razor_rings_for(const llama_razor_config & cfg, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size);
 
 struct llama_model;
 
@@ -83,7 +97,7 @@ struct llama_model;
 uint32_t llama_razor_swa_size(const llama_hparams & hp, bool swa_full, bool unified, uint32_t kv_size, uint32_t n_seq_max, uint32_t n_ubatch);
 
 // the bytes a razor cache of cfg would allocate for a context, without allocating: out[0] retrieval cache,
-// out[1] local ring, out[2] compensation sums (each at most 256 bytes per tensor above the allocation),
+// out[1] local rings, out[2] compensation sums (each at most 256 bytes per tensor above the allocation),
 // out[3] a stock cache of the same context, out[4] the stock SWA cache of an iSWA model's sliding-window
 // layers (in both: the razor cache keeps it)
 void llama_razor_bytes_for(
@@ -98,7 +112,7 @@ void llama_razor_bytes_for(
                  uint32_t   n_ubatch,
                   int64_t   out[5]);
 
-// sets cfg.n_window to the largest window whose cache fits cfg's budget for this context (no-op without a
+// sets cfg.n_window (with layer scales: the base they multiply) to the largest window whose cache fits cfg's budget for this context (no-op without a
 // budget); false when the budget covers the full cache (the stock cache fits), throws when even a window of
 // one token does not fit, naming the smallest budget possible
 bool llama_razor_fit_budget(
@@ -133,6 +147,18 @@ public:
     struct seq_state {
         uint32_t  l = 0;  // number of tokens in the stored sums
         llama_pos g = -1; // every cached position in [n_sink, g] is in the stored sums
+    };
+
+    // the local heads of the layers with one window: their ring and the fold state of its sequences
+    struct ring_group {
+        llama_razor_ring geom;
+        uint32_t n_scratch = 0;         // compensation rows per stream (one per query of a ubatch)
+        llama_hparams hparams;          // n_head_kv_arr = the local heads of this ring's layers, 0 elsewhere
+        std::unique_ptr<llama_kv_cache> kv;
+        std::vector<seq_state> seqs;    // [n_seq_max]
+
+        uint32_t n_window() const { return geom.n_window; }
+        uint32_t n_margin() const { return geom.n_margin; }
     };
 
     // kv_swa: the stock cache of an iSWA model's sliding-window layers (nullptr for other models)
@@ -181,7 +207,10 @@ std::unique_ptr<llama_kv_cache> kv_swa);
     //
 
     llama_kv_cache * get_retr() const { return kv_retr.get(); } // nullptr when no head is a retrieval head
-    llama_kv_cache * get_loc () const { return kv_loc.get(); }
+    uint32_t n_rings() const { return rings.size(); }
+    const ring_group & get_ring(uint32_t r) const { return *rings[r]; }
+    llama_kv_cache * get_loc(uint32_t r) const { return rings[r]->kv.get(); }
+    int32_t ring_of(int32_t il) const { return ring_idx[il]; } // -1 for layers without local heads
     llama_kv_cache * get_swa () const { return kv_swa.get(); }  // nullptr unless the model is iSWA
 
     const llama_razor_config & get_config() const { return cfg; }
@@ -195,12 +224,14 @@ std::unique_ptr<llama_kv_cache> kv_swa);
 
     ggml_tensor * get_comp(int32_t il) const { return comp[il]; }
 
-    uint32_t get_n_margin() const { return n_margin; }
-    uint32_t get_n_ubatch() const { return ring.n_ubatch; }
+    uint32_t get_n_ubatch() const { return n_ubatch; }
 
-    // bytes: retrieval cache, local ring, compensation state, a stock cache of the same context, and the stock
+    // bytes: retrieval cache, local rings, compensation state, a stock cache of the same context, and the stock
     // SWA cache of an iSWA model (0 otherwise; counted in the stock equivalent too)
     void kv_bytes(int64_t out[5]) const;
+
+    // bytes of ring r's KV (its part of out[1] above)
+    int64_t ring_bytes(uint32_t r) const;
 
     // fold plan of one ubatch; computed in apply() once the ubatch has been placed in kv_loc
     struct fold_plan {
@@ -220,26 +251,25 @@ std::unique_ptr<llama_kv_cache> kv_swa);
         std::vector<uint32_t> scratch_col; // [n_tokens] column of the compensation row in the query's mask row
     };
 
-    // places the plan of ubatch into plan and advances the fold state
-    bool plan_ubatch(const llama_ubatch & ubatch, fold_plan & plan);
+    // places the plan of ubatch in ring r into plan and advances that ring's fold state
+    bool plan_ubatch(uint32_t r, const llama_ubatch & ubatch, fold_plan & plan);
 
 private:
     const llama_model & model;
     const llama_razor_config cfg;
 
-    // per-cache copies with n_head_kv_arr = retrieval / local head counts (the caches keep a reference)
+    // a copy with n_head_kv_arr = retrieval head counts (the cache keeps a reference)
     llama_hparams hparams_retr;
-    llama_hparams hparams_loc;
 
     const uint32_t n_seq_max;
     const bool     unified;
-    const llama_razor_ring ring;
-    const uint32_t n_scratch; // compensation rows per stream (one per query of a ubatch: ring.n_ubatch)
-    const uint32_t n_margin;  // evicted positions kept in the ring beyond the window (exact trims)
+    uint32_t       n_ubatch = 0; // of every ring
 
     std::unique_ptr<llama_kv_cache> kv_retr;
-    std::unique_ptr<llama_kv_cache> kv_loc;
     std::unique_ptr<llama_kv_cache> kv_swa;
+
+    std::vector<std::unique_ptr<ring_group>> rings; // ascending window
+    std::vector<int32_t> ring_idx;                  // [n_layer] ring of the layer's local heads, -1 without
 
     std::vector<std::vector<int32_t>> perms;
     std::vector<std::vector<int32_t>> inv_perms;
@@ -247,8 +277,6 @@ private:
     // compensation state: per layer with local heads, F32 [n_embd_k_loc + n_embd_v_loc, n_seq_max] sums
     std::vector<ggml_tensor *> comp;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> comp_bufs;
-
-    std::vector<seq_state> seqs; // [n_seq_max]
 
     int64_t bytes_full_equiv = 0;
 
@@ -259,6 +287,7 @@ private:
     void comp_col_get(int32_t il, llama_seq_id s, std::vector<float> & dst) const;
     void comp_col_set(int32_t il, llama_seq_id s, const std::vector<float> & src);
 
+    bool any_folded(llama_seq_id s) const;
     void reset_seq(llama_seq_id s);
 
     // positions move (seq_add, seq_div) and the rotated compensation sums cannot follow: sequences with folded
@@ -284,7 +313,7 @@ public:
     llama_kv_cache_razor_context(
             llama_kv_cache_razor * kv,
             slot_info_vec_t sinfos_retr,
-            slot_info_vec_t sinfos_loc,
+            std::vector<slot_info_vec_t> sinfos_loc,
             slot_info_vec_t sinfos_swa,
             std::vector<llama_ubatch> ubatches);
 
@@ -297,12 +326,12 @@ public:
     const llama_ubatch & get_ubatch() const override;
 
     const llama_kv_cache_context * get_retr() const; // nullptr without retrieval heads
-    const llama_kv_cache_context * get_loc () const;
+    const llama_kv_cache_context * get_loc (uint32_t r) const;
     const llama_kv_cache_context * get_swa () const; // nullptr unless the model is iSWA
 
     const llama_kv_cache_razor * get_razor() const { return kv; }
 
-    const llama_kv_cache_razor::fold_plan & get_plan() const { return plan; }
+    const llama_kv_cache_razor::fold_plan & get_plan(uint32_t r) const { return plans[r]; }
 
 private:
     llama_kv_cache_razor * kv = nullptr;
@@ -312,14 +341,14 @@ private:
     std::vector<llama_ubatch> ubatches;
 
     llama_memory_context_ptr ctx_retr;
-    llama_memory_context_ptr ctx_loc;
+    std::vector<llama_memory_context_ptr> ctx_loc; // per ring
     llama_memory_context_ptr ctx_swa;
 
     llama_memory_status status;
 
     llama_memory_status combined_status() const;
 
-    llama_kv_cache_razor::fold_plan plan;
+    std::vector<llama_kv_cache_razor::fold_plan> plans; // per ring
 };
 
 //
@@ -341,16 +370,21 @@ public:
 
     const llama_kv_cache_razor_context * mctx_razor;
 
-    ggml_tensor * loc_k_idxs  = nullptr; // I64 [n_tokens]
-    ggml_tensor * loc_v_idxs  = nullptr; // I64 [n_tokens]
-    ggml_tensor * loc_kq_mask = nullptr; // F32/F16 [n_kv_loc, n_tokens/n_stream, 1, n_stream]
+    // per local ring
+    struct ring_inp {
+        ggml_tensor * k_idxs      = nullptr; // I64 [n_tokens]
+        ggml_tensor * v_idxs      = nullptr; // I64 [n_tokens]
+        ggml_tensor * kq_mask     = nullptr; // F32/F16 [n_kv_ring, n_tokens/n_stream, 1, n_stream]
 
-    ggml_tensor * fold_rows   = nullptr; // I32 [n_rows*n_seqs]
-    ggml_tensor * fold_pick   = nullptr; // I32 [n_tokens + n_seqs]
-    ggml_tensor * fold_scale  = nullptr; // F32 [1, n_tokens + n_seqs]
-    ggml_tensor * state_get   = nullptr; // I32 [n_seqs]
+        ggml_tensor * fold_rows   = nullptr; // I32 [n_rows*n_seqs]
+        ggml_tensor * fold_pick   = nullptr; // I32 [n_tokens + n_seqs]
+        ggml_tensor * fold_scale  = nullptr; // F32 [1, n_tokens + n_seqs]
+        ggml_tensor * scratch_idx = nullptr; // I64 [n_tokens]
+    };
+    std::vector<ring_inp> rings;
+
+    ggml_tensor * state_get   = nullptr; // I32 [n_seqs]: the ubatch's sequences (every ring's)
     ggml_tensor * state_set   = nullptr; // I64 [n_seqs]
-    ggml_tensor * scratch_idx = nullptr; // I64 [n_tokens]
 
     std::vector<ggml_tensor *> perm;     // per layer, I32 [n_head_kv, n_tokens], only for layers with both head kinds
     std::vector<ggml_tensor *> inv_perm;

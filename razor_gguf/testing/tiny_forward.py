@@ -8,6 +8,8 @@ n_swa and no compensation row: exactly llama.cpp's LLAMA_SWA_TYPE_STANDARD mask.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -68,7 +70,7 @@ def forward(
     tokens: npt.ArrayLike,
     head_map: npt.ArrayLike | None = None,
     n_sink: int = 4,
-    window: int = 64,
+    window: int | Sequence[int] = 64,
     slack: int | npt.ArrayLike = 0,
     positions: npt.ArrayLike | None = None,
     reference: bool = False,
@@ -77,7 +79,8 @@ def forward(
     """Logits [T, n_vocab] for `tokens` (one sequence, positions 0..T-1 by default).
 
     head_map: [n_layer, n_head_kv] (1 = retrieval); None means all retrieval (stock attention),
-    in which case n_sink/window/slack do not matter. reference=True runs in float64. compensation=False:
+    in which case n_sink/window/slack do not matter. window: one for every layer, or one per layer (the
+    razor cache's per-layer windows, razor.layer_window_scale). reference=True runs in float64. compensation=False:
     local heads see sinks + window only (razor.compensation = false).
     Compare llama.cpp with an f32 KV cache and flash attention off for a tight match: f16 KV
     (the default) and flash attention (which casts K/V to f16 even from an f32 cache) add f16
@@ -89,6 +92,9 @@ def forward(
     pos = np.arange(t, dtype=np.int64) if positions is None else np.asarray(positions, np.int64)
     hm = np.ones((cfg.n_layer, cfg.n_head_kv), np.int64) if head_map is None else np.asarray(head_map).reshape(cfg.n_layer, cfg.n_head_kv)
     eps = float(np.float32(cfg.rms_eps))  # the GGUF stores eps as f32
+    window = [int(window)] * cfg.n_layer if np.isscalar(window) else [int(x) for x in window]
+    if len(window) != cfg.n_layer:
+        raise ValueError(f"window: {len(window)} entries for {cfg.n_layer} layers")
     w = {n: a.astype(dt) for n, a in weights.items()}
 
     if cfg.arch == "gemma3":
@@ -99,7 +105,7 @@ def forward(
         p = f"blk.{i}."
         q, k, v = _qkv(rms_norm(x, w[p + "attn_norm.weight"], eps), w, p, cfg)
         q, k = rope_norm(q, pos, cfg.rope_base), rope_norm(k, pos, cfg.rope_base)
-        att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, reference=reference,
+        att = razor_attention(q, k, v, hm[i], n_sink, window[i], positions=pos, slack=slack, reference=reference,
                               compensation=compensation)
         x = x + att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
         h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
@@ -125,7 +131,7 @@ def _forward_gemma3(w, cfg: TinyConfig, tok, pos, hm, n_sink, window, slack, ref
             att = razor_attention(q, k, v, np.zeros(cfg.n_head_kv), 0, cfg.n_swa, positions=pos, scale=1.0,
                                   reference=reference, compensation=False)
         else:
-            att = razor_attention(q, k, v, hm[i], n_sink, window, positions=pos, slack=slack, scale=1.0,
+            att = razor_attention(q, k, v, hm[i], n_sink, window[i], positions=pos, slack=slack, scale=1.0,
                                   reference=reference, compensation=compensation)
         a = att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
         x = x + rms_norm(a, w[p + "post_attention_norm.weight"], eps)

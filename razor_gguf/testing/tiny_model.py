@@ -13,6 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +67,7 @@ class RazorMeta:
     window: int = 64
     echo_scores: npt.NDArray[np.float32] | None = None  # default: random in [0, 1)
     induction_scores: npt.NDArray[np.float32] | None = None
+    layer_window_scale: Sequence[float] | None = None  # razor.layer_window_scale [n_layer]: per-layer windows
 
 
 def make_weights(cfg: TinyConfig) -> dict[str, npt.NDArray[np.float32]]:
@@ -147,6 +149,9 @@ def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
     writer.add_float32("razor.retrieval_ratio", float(hm.mean()))
     writer.add_uint32("razor.n_sink", int(meta.n_sink))
     writer.add_uint32("razor.window", int(meta.window))
+    if meta.layer_window_scale is not None:
+        writer.add_key_value("razor.layer_window_scale", [float(x) for x in meta.layer_window_scale],
+                             GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
     writer.add_uint32("razor.probe.length", 0)
     writer.add_uint32("razor.probe.repetitions", 0)
     writer.add_uint64("razor.probe.seed", cfg.seed)
