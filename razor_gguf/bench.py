@@ -249,6 +249,7 @@ def bench(
     window: int | None = None,
     retrieval_ratio: float | None = None,
     kv_budget: float | str | None = None,
+    layer_windows: bool | None = None,
     swa_full: bool = False,
     rpc: str | list[str] | None = None,
 ) -> dict:
@@ -260,7 +261,8 @@ def bench(
     window + ubatch cells (llama.cpp's own tools' default, used here for every mode alike).
     rpc: llama.cpp RPC workers ("HOST:PORT,..."): every mode runs here and, as MODE@rpc, with every layer on them.
     """
-    razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget}
+    razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget,
+             "layer_windows": layer_windows}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     if rpc:
         from . import _native
@@ -336,7 +338,7 @@ def cmd_bench(args) -> int:
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
-                    kv_budget=args.kv_budget, swa_full=args.swa_full, rpc=args.rpc)
+                    kv_budget=args.kv_budget, layer_windows=args.layer_windows, swa_full=args.swa_full, rpc=args.rpc)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -360,6 +362,8 @@ def add_subcommand(sub) -> None:
     b.add_argument("--window", type=int, help="razor.window override (default: the model's)")
     b.add_argument("--n-sink", type=int, help="razor.n_sink override (default: the model's)")
     b.add_argument("--retrieval-ratio", type=float, help="re-select retrieval heads from the stored scores")
+    b.add_argument("--no-layer-windows", dest="layer_windows", action="store_false", default=None,
+                   help="one window for every layer, ignoring the per-layer windows embed-heads stored")
     add_kv_budget_argument(b)
     b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     b.add_argument("--n-ubatch", type=int, default=512,

@@ -84,6 +84,23 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
     return out.reshape(H, T, v.shape[2])
 
 
+def razor_policy(hp, head_map: np.ndarray, n_sink: int, window: int | Sequence[int], compensation: bool):
+    """The whole model's attention under razor for ReferenceModel.forward(attention=...): head_map
+    [n_layer, n_head_kv]; window: one for every layer or one per layer (razor.layer_window_scale); the
+    sliding-window layers of an iSWA model keep their window (llama.cpp's SWA cache: every head local, no
+    sinks, no row)."""
+    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    no_retrieval = np.zeros(head_map.shape[1])
+    windows = [int(window)] * hp.n_layer if np.isscalar(window) else [int(w) for w in window]
+
+    def attention(il, q, k, v):
+        if swa[il]:
+            return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
+        return razor_attention_torch(q, k, v, head_map[il], n_sink, windows[il], compensation=compensation)
+
+    return attention
+
+
 @dataclass(frozen=True)
 class CompensationMeasurement:
     compensation: bool  # the measured default: on only where the row lowers the KLD
@@ -106,8 +123,6 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
 
     hp = model.hp
     head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
-    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
-    no_retrieval = np.zeros(head_map.shape[1])
     kl = {True: [], False: []}
     for toks in chunks:
         if len(toks) <= n_sink + window:
@@ -117,11 +132,7 @@ def measure_compensation(model, head_map: np.ndarray, chunks: list[list[int]], *
         if progress:
             progress()
         for comp in (True, False):
-            def attention(il, q, k, v, comp=comp):
-                if swa[il]:
-                    return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
-                return razor_attention_torch(q, k, v, head_map[il], n_sink, window, compensation=comp)
-
+            attention = razor_policy(hp, head_map, n_sink, window, comp)
             got = model.forward(toks, want_logits="all", attention=attention, logits_from=lo).numpy()
             kl[comp].append(kl_and_top1(full, got)[0])
             del got
@@ -178,7 +189,6 @@ def measure_budgets(model, head_map: np.ndarray, chunks: list[list[int]], *, n_s
     hp = model.hp
     head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
     swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
-    no_retrieval = np.zeros(head_map.shape[1])
     n_tok = min(len(t) for t in chunks)
     lo = n_tok - n_tok // 4
     windows = [window_for_budget(b, head_map, n_tok, n_sink, [not s for s in swa]) for b in budgets]
@@ -190,11 +200,7 @@ def measure_budgets(model, head_map: np.ndarray, chunks: list[list[int]], *, n_s
         if progress:
             progress()
         for b, w in keep:
-            def attention(il, q, k, v, w=w):
-                if swa[il]:
-                    return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
-                return razor_attention_torch(q, k, v, head_map[il], n_sink, w, compensation=compensation)
-
+            attention = razor_policy(hp, head_map, n_sink, w, compensation)
             got = model.forward(toks[:n_tok], want_logits="all", attention=attention, logits_from=lo).numpy()
             d, t1 = kl_and_top1(full, got)
             kl[b].append(d)

@@ -69,6 +69,7 @@ def embed_heads(
     force: bool = False,
     dry_run: bool = False,
     calibrate: bool = True,
+    layer_windows: bool = False,
     device: str = "auto",
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
@@ -78,6 +79,8 @@ def embed_heads(
     paper's (razor_gguf.scoring); bad input raises UserError (or MetadataError for a bad GGUF).
     calibrate: measure whether the compensation row helps this model (razor_gguf.calibration) and
     record that as the model's default (razor.compensation, with razor.calibration.* provenance).
+    layer_windows: also measure per-layer windows against one uniform window at the recommended budget
+    (razor_gguf.layer_windows; minutes more) and store them (razor.layer_window_scale) where they win.
     device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
     """
     reader = open_gguf(input)
@@ -133,7 +136,10 @@ def embed_heads(
             progress=lambda il: bar.update(1),
             model=model,
         )
-    calibration, budgets = _calibrate(input, model, scores.head_map, n_sink, window) if calibrate else (None, None)
+    if layer_windows and not calibrate:
+        raise UserError("--layer-windows needs the calibration (drop --no-calibration)")
+    calibration, budgets, windows = (_calibrate(input, model, scores.head_map, n_sink, window, layer_windows)
+                                     if calibrate else (None, None, None))
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -146,6 +152,7 @@ def embed_heads(
         tool_version=__version__,
         calibration=calibration,
         budgets=budgets,
+        layer_windows=windows,
     )
     if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -167,11 +174,11 @@ def embed_heads(
     return summary
 
 
-def _calibrate(path: str, model, head_map, n_sink: int, window: int):
+def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windows: bool = False):
     """The measured defaults (razor_gguf.calibration): whether the compensation row helps, and then, with that
-    setting, the recommended KV budget. (None, None) where there is nothing to measure: no local head (every
-    head of the global layers a retrieval head: razor runs the stock cache), or a context too short to evict
-    anything."""
+    setting, the recommended KV budget, and (layer_windows) per-layer windows at that budget's window.
+    (None, None, None) where there is nothing to measure: no local head (every head of the global layers a
+    retrieval head: razor runs the stock cache), or a context too short to evict anything."""
     import numpy as np
 
     from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
@@ -182,7 +189,7 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int):
     swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
     n_local = sum(int((1 - np.asarray(row)).sum()) for row, s in zip(np.asarray(head_map), swa) if not s)
     if n_local == 0 or n_tokens < n_sink + window + 256:
-        return None, None
+        return None, None, None
     from . import _native
 
     try:
@@ -192,16 +199,37 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int):
     except (_native.NativeLibraryError, ValueError) as e:
         raise UserError(f"{path}: calibration needs the model's tokenizer ({str(e).splitlines()[0]}); "
                         "use --no-calibration to skip it") from None
+    n_valid = 2 if layer_windows else 0  # validation chunks: the calibration text past the chunks above
     try:
-        chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS, n_tokens)
+        chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS + n_valid, n_tokens)
+        if layer_windows:
+            from .layer_windows import N_PROBES, retrieval_probes
+
+            probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos), N_PROBES, n_tokens)
     finally:
         tok.close()
+    chunks, valid = chunks[:DEFAULT_CHUNKS], chunks[DEFAULT_CHUNKS:]
     with _bar((4 + len(BUDGET_LADDER)) * len(chunks), "calibrating", unit="pass") as bar:
         comp = measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
         budgets = measure_budgets(model, head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
                                   progress=lambda: bar.update(1))
-    return comp, budgets
+    windows = None
+    if layer_windows:
+        from .layer_windows import measure_layer_windows, passes
+
+        # at the recommended budget's window (else the recorded window), at the calibration length
+        w = budgets.windows[budgets.budgets.index(budgets.kv_budget)] if budgets.kv_budget is not None else window
+        n_layers_local = sum(1 for row, s in zip(np.asarray(head_map), swa) if not s and (1 - np.asarray(row)).sum())
+        with _bar(passes(n_layers_local, len(chunks), len(valid), n_probes=len(probes)), "layer windows",
+                  unit="pass") as bar:
+            try:
+                windows = measure_layer_windows(model, head_map, chunks, valid, n_sink=n_sink, window=w,
+                                                compensation=comp.compensation, probes=probes,
+                                                progress=lambda: bar.update(1))
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
+    return comp, budgets, windows
 
 
 def _summary_from_kv(kv: dict) -> dict:
@@ -233,8 +261,10 @@ def format_summary(info: dict, detail: bool = True) -> str:
         f"n_sink {info['n_sink']}, window {info['window']}, compensation row "
         + ("on" if info.get("compensation", True) else "off") + _measured(info),
         *_budget_lines(info),
+        *_layer_window_lines(info),
         f"retrieval heads in layers: {', '.join(map(str, retr_layers)) or 'none'}",
-        "provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items()),
+        # per-layer arrays are shown above (or by --json), not in this line
+        "provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if not (isinstance(v, list) and len(v) > 8)),
     ]
     if detail:
         lines.append("layer  map" + " " * max(0, H - 3) + "  induction per KV head" + " " * max(0, 7 * H - 21) + "  echo per KV head")
@@ -266,6 +296,23 @@ def _budget_lines(info: dict) -> list[str]:
     return [f"{head} keeping the full model's next token on >= {p['calibration.top1_target']:.0%} of "
             f"{p['calibration.budget_tokens']} calibration positions at {p['calibration.budget_context']} tokens)",
             f"  measured: {ladder}"]
+
+
+def _layer_window_lines(info: dict) -> list[str]:
+    p = info.get("provenance", {})
+    if "calibration.layer_windows_ratio" not in p:
+        return []
+    (ku, kc), (tu, tc) = p["calibration.layer_windows_kld"], p["calibration.layer_windows_top1"]
+    r, lo, hi = p["calibration.layer_windows_ratio"]
+    w = p["calibration.layer_windows_window"]
+    local = [not all(row) for row in info["head_map"]]  # (a sliding-window layer's row is all local: scale 1)
+    windows = sorted({round(x * w) for x, l in zip(p["calibration.layer_windows_scale"], local) if l})
+    pu, pc, n = p.get("calibration.layer_windows_probe", [0, 0, 0])
+    verdict = ("adopted: razor.layer_window_scale" if p.get("calibration.layer_windows_adopted") else
+               "not adopted: one window for every layer")
+    return [f"per-layer windows {'/'.join(map(str, windows))} against a uniform {w} at equal memory: validation KLD "
+            f"{kc:.4f} vs {ku:.4f} (ratio {r:.2f}, 95% {lo:.2f}-{hi:.2f}), top-1 {tc:.1%} vs {tu:.1%} over "
+            f"{p['calibration.layer_windows_tokens']} positions; retrieval probe {pc}/{n} vs {pu}/{n}; {verdict}"]
 
 
 def plot_heads(info: dict, path: str) -> None:
@@ -300,7 +347,8 @@ def cmd_embed_heads(args) -> int:
         info = embed_heads(
             args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
             probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
-            force=args.force, dry_run=args.dry_run, calibrate=args.calibration, device=args.device)
+            force=args.force, dry_run=args.dry_run, calibrate=args.calibration, layer_windows=args.layer_windows,
+            device=args.device)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -352,6 +400,11 @@ def add_subcommands(sub) -> None:
                    help="measure in the reference pass whether the compensation row helps this model (next-token "
                         "KLD with and without it on 4k tokens of calibration text, ~1-2 min for SmolLM2) and record "
                         "the result as its default (default on)")
+    e.add_argument("--layer-windows", action="store_true",
+                   help="also measure per-layer windows against one uniform window at equal memory (the layers "
+                        "whose eviction costs least give half their window to the others; whole-model KLD on "
+                        "calibration text, validated on other text; ~5 min more for SmolLM2) and store them as the "
+                        "model's default where the 95%% interval says they win")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")

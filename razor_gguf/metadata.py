@@ -72,11 +72,46 @@ def sha256_file(path: str, progress: Callable[[int], None] | None = None) -> str
     return h.hexdigest()
 
 
+def layer_windows_kv(lw, adopt: bool | None = None) -> dict:
+    """The keys of a razor_gguf.layer_windows.LayerWindowMeasurement: its provenance, and its allocation as
+    razor.layer_window_scale when adopted (adopt: override the measurement's own verdict)."""
+    from gguf import GGUFValueType as V
+
+    kv = {
+        "razor.calibration.layer_windows_window": (V.UINT32, int(lw.window), None),
+        "razor.calibration.layer_windows_scale": (V.ARRAY, [float(x) for x in lw.scales], V.FLOAT32),
+        "razor.calibration.layer_windows_kld": (V.ARRAY, [float(lw.kld_uniform), float(lw.kld_per_layer)], V.FLOAT32),
+        "razor.calibration.layer_windows_top1": (V.ARRAY, [float(lw.top1_uniform), float(lw.top1_per_layer)], V.FLOAT32),
+        "razor.calibration.layer_windows_ratio": (V.ARRAY, [float(lw.ratio), *map(float, lw.ratio_95)], V.FLOAT32),
+        "razor.calibration.layer_windows_tokens": (V.UINT32, int(lw.n_positions), None),
+        "razor.calibration.layer_windows_adopted": (V.BOOL, bool(lw.adopted), None),
+        "razor.calibration.layer_windows_probe": (V.ARRAY, [int(lw.probe_uniform), int(lw.probe_per_layer), int(lw.n_probes)],
+                                                  V.UINT32),
+    }
+    if lw.adopted if adopt is None else adopt:
+        kv["razor.layer_window_scale"] = (V.ARRAY, [float(x) for x in lw.scales], V.FLOAT32)
+    return kv
+
+
+def razor_kv_of(reader) -> dict:
+    """The razor.* keys a GGUF holds, in build_razor_kv's form (to rewrite some of them with write_with_razor)."""
+    import gguf
+
+    out = {}
+    for f in reader.fields.values():
+        if f.name.startswith(PREFIX):
+            vt = f.types[0]
+            out[f.name] = (vt, f.contents(), f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    return out
+
+
 def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
-                   calibration=None, budgets=None) -> dict:
+                   calibration=None, budgets=None, layer_windows=None) -> dict:
     """The razor.* keys as {key: (GGUFValueType, value, sub_type)}. calibration: a
     razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None; budgets: a
-    razor_gguf.calibration.BudgetMeasurement (the recommended KV budget becomes razor.kv_budget), or None."""
+    razor_gguf.calibration.BudgetMeasurement (the recommended KV budget becomes razor.kv_budget), or None;
+    layer_windows: a razor_gguf.layer_windows.LayerWindowMeasurement (its allocation becomes
+    razor.layer_window_scale only where it was adopted), or None."""
     from gguf import GGUFValueType as V
 
     p = scores.provenance
@@ -102,6 +137,8 @@ def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source
         })
         if budgets.kv_budget is not None:  # the default at load time: the window is fit to each context
             measured["razor.kv_budget"] = (V.FLOAT32, float(budgets.kv_budget), None)
+    if layer_windows is not None:
+        measured.update(layer_windows_kv(layer_windows))
     return {
         "razor.version": (V.UINT32, RAZOR_VERSION, None),
         "razor.enabled": (V.BOOL, True, None),
@@ -219,6 +256,7 @@ def read_razor(reader) -> dict | None:
         "n_sink": get("razor.n_sink"),
         "window": get("razor.window"),
         "kv_budget": get("razor.kv_budget"),
+        "layer_window_scale": [float(f"{x:.7g}") for x in get("razor.layer_window_scale", [])] or None,
         "enabled": get("razor.enabled"),
         "compensation": get("razor.compensation", True),  # SPEC's row; embed-heads records the measured default
         "version": get("razor.version"),

@@ -15,7 +15,9 @@ Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the lar
   razor        the model's measured defaults (its head map, its razor.compensation);
   razor_paper  the paper's defaults: the same head map with the compensation row;
   streaming    StreamingLLM: every head local (sinks + window), no compensation row;
-  razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`).
+  razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`);
+  razor_uniform  razor with one window for every layer (razor.layer_windows = false): against `razor` on a model
+               whose embed-heads stored per-layer windows, the allocation's own effect (plan `layer-windows`).
 Retrieval cells report accuracy with 95% Wilson intervals; KLD cells report mean KLD and top-1 agreement
 against the full cache with 95% block-bootstrap intervals (blocks of 256 positions) over held-out prose
 (Python's standard-library docstrings, never the calibration text of embed-heads).
@@ -45,6 +47,7 @@ METHODS = {
     "razor": {"razor": True},
     "razor_paper": {"razor": True, "compensation": True},
     "streaming": {"razor": True, "retrieval_ratio": 0.0, "compensation": False},
+    "razor_uniform": {"razor": True, "layer_windows": False},
 }
 PLANS = {
     # the cells that carry the targets (and 2k, reported)
@@ -59,6 +62,11 @@ PLANS = {
                          methods=("razor", "razor_paper", "streaming"), n=1),
     # more retrieval heads at the same memory (re-selected from the stored scores): what ratio to recommend
     "ratios": dict(tasks=TASKS, lengths=(4096,), budgets=(0.35, 0.5), methods=("razor_r0.25", "razor_r0.35"), n=10),
+    # per-layer windows (razor.layer_window_scale) against one uniform window at the same budget
+    "layer-windows": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_uniform"),
+                          n=1),
+    "layer-windows-retrieval": dict(tasks=("mniah",), lengths=(4096,), budgets=(0.35,),
+                                    methods=("razor", "razor_uniform"), n=20),
 }
 N_NEEDLES = 4
 N_UBATCH = 256
@@ -180,7 +188,8 @@ def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
     return {"method": method, "budget": budget, "ctx": n_ctx, "supported": True, "kv_bytes": st["kv_bytes"],
             "kv_fraction": st["kv_bytes"] / st["full_equiv_bytes"], "full_equiv_bytes": st["full_equiv_bytes"],
             "window": st["window"], "n_sink": st["n_sink"], "retrieval_heads": st["retrieval_heads"],
-            "compensation": st["compensation"], "n_ubatch": n_ubatch}
+            "compensation": st["compensation"], "n_ubatch": n_ubatch,
+            "ring_windows": [w for w, _ in st.get("rings") or []]}
 
 
 def run_retrieval_cell(store, key, task, length, method, budget, n, args, haystack) -> float:
@@ -352,7 +361,7 @@ def report(store: dict) -> str:
             if full:
                 lines.append(f"| {length} | - | full | 1.000 | - | {_acc(full)} |")
             for b in budgets:
-                ms = ["razor", "razor_paper", "streaming"] + sorted(
+                ms = ["razor", "razor_uniform", "razor_paper", "streaming"] + sorted(
                     {c["method"] for c in cells.values() if c["method"].startswith("razor_r")})
                 for m in ms:
                     c = cells.get(cell_key(task, length, m, b))
@@ -376,8 +385,27 @@ def report(store: dict) -> str:
                          f"{c['top1']:.1%} [{c['top1_95'][0]:.1%}, {c['top1_95'][1]:.1%}] | "
                          + (f"{past:.4f} |" if past is not None else "- |"))
         lines.append("")
+    lines += paired_layer_windows(store)
     lines += targets(store)
     return "\n".join(lines)
+
+
+def paired_layer_windows(store: dict) -> list[str]:
+    """KLD of razor (the model's per-layer windows) over razor_uniform on the same blocks, with a paired interval."""
+    import numpy as np
+
+    out = []
+    for c in sorted(store["cells"].values(), key=lambda c: (c["length"], c["budget"] or 0)):
+        if c["task"] != "kld" or c["method"] != "razor_uniform" or not c.get("supported"):
+            continue
+        r = store["cells"].get(cell_key("kld", c["length"], "razor", c["budget"]))
+        if not (r and r.get("supported")):
+            continue
+        lo, hi = bootstrap_ratio(np.array(r["block_kld"]), np.array(c["block_kld"]), weights=np.array(r["block_weights"]))
+        out.append(f"- {c['length']} tokens, budget {c['budget']:g}: per-layer windows KLD {r['kld_mean']:.4f} vs uniform "
+                   f"{c['kld_mean']:.4f}, ratio {r['kld_mean'] / c['kld_mean']:.2f} [95% {lo:.2f}, {hi:.2f}]; top-1 "
+                   f"{r['top1']:.1%} vs {c['top1']:.1%}; KV {r['kv_fraction']:.3f} vs {c['kv_fraction']:.3f} of full")
+    return ["**per-layer windows against one uniform window** (paired block bootstrap)", "", *out, ""] if out else []
 
 
 def targets(store: dict, budget: float = 0.35) -> list[str]:
