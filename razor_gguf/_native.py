@@ -183,16 +183,23 @@ def kv_bytes(ctx) -> KVBytes:
     return KVBytes(bool(rc), int(out[0]), int(out[1]), int(out[2]), int(out[3]), int(lib.llama_razor_kv_bytes_swa(p)))
 
 
-def head_map(ctx) -> list[int] | None:
-    """The head map in effect ([n_layer*n_head_kv], 1 = retrieval), None for a stock cache."""
+def _int_array(ctx, getter: str, ctype: str) -> list[int] | None:
+    """What one of the C API's array getters copies out (sized by a first call without a buffer), None for a
+    stock cache (the getter returns 0)."""
     ffi, lib = razor_lib()
+    fn = getattr(lib, getter)
     p = ffi.cast("void *", _ctx_ptr(ctx))
-    n = lib.llama_razor_head_map(p, ffi.NULL, 0)
+    n = fn(p, ffi.NULL, 0)
     if n == 0:
         return None
-    buf = ffi.new("int32_t[]", n)
-    lib.llama_razor_head_map(p, buf, n)
+    buf = ffi.new(f"{ctype}[]", n)
+    fn(p, buf, n)
     return [int(x) for x in buf]
+
+
+def head_map(ctx) -> list[int] | None:
+    """The head map in effect ([n_layer*n_head_kv], 1 = retrieval), None for a stock cache."""
+    return _int_array(ctx, "llama_razor_head_map", "int32_t")
 
 
 def n_ubatch(ctx) -> int | None:
@@ -213,14 +220,7 @@ def window(ctx) -> tuple[int, int] | None:
 
 def layer_windows(ctx) -> list[int] | None:
     """Each layer's window in effect ([n_layer], 0 for layers without local heads), None for a stock cache."""
-    ffi, lib = razor_lib()
-    p = ffi.cast("void *", _ctx_ptr(ctx))
-    n = lib.llama_razor_layer_windows(p, ffi.NULL, 0)
-    if n == 0:
-        return None
-    buf = ffi.new("uint32_t[]", n)
-    lib.llama_razor_layer_windows(p, buf, n)
-    return [int(x) for x in buf]
+    return _int_array(ctx, "llama_razor_layer_windows", "uint32_t")
 
 
 def ring_bytes(ctx) -> list[tuple[int, int]] | None:

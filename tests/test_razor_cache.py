@@ -211,21 +211,26 @@ def _llama(path, **kw):
                  type_k=0, type_v=0, n_threads=2, verbose=False, **kw)
 
 
-@pytest.mark.parametrize("compensation", [True, False])
-def test_trim_recent_tokens_then_continue(mixed, compensation):
-    """Trimming the tail within the ring's margin: continuing equals a fresh run."""
-    toks = _tokens(mixed[1], 120, seed=8)
-    kw = dict(kv_overrides=None if compensation else NO_COMP)
-    fresh = llama_logits(mixed[0], toks, n_ctx=512, **kw)
-    llm = _llama(mixed[0], **kw)
+def trim_and_continue(model, **kw) -> float:
+    """Eval 100 tokens and a wrong continuation of 12, trim it (the trim must succeed), continue with the right
+    20: the max difference from a fresh run of the 120. kw goes to _llama and llama_logits (kv_overrides)."""
+    toks = _tokens(model[1], 120, seed=8)
+    fresh = llama_logits(model[0], toks, n_ctx=512, **kw)
+    llm = _llama(model[0], **kw)
     try:
-        llm.eval(list(toks[:100]) + list(_tokens(mixed[1], 12, seed=9)))  # a wrong continuation
+        llm.eval(list(toks[:100]) + list(_tokens(model[1], 12, seed=9)))  # a wrong continuation
         assert llm._ctx.kv_cache_seq_rm(-1, 100, -1)
         llm.n_tokens = 100
         llm.eval(list(toks[100:]))
-        assert np.abs(np.array(llm.scores[:120]) - fresh).max() < F32_TOL
+        return np.abs(np.array(llm.scores[:120]) - fresh).max()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_trim_recent_tokens_then_continue(mixed, compensation):
+    """Trimming the tail within the ring's margin: continuing equals a fresh run."""
+    assert trim_and_continue(mixed, kv_overrides=None if compensation else NO_COMP) < F32_TOL
 
 
 def test_remove_folded_positions_refused(mixed):

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_razor_cache import (MIXED, NO_COMP, SINK, WINDOW, copy_continue_keep, save_continue_restore,
+                              trim_and_continue)
 
 from razor_gguf.testing import tiny_forward as tf
 from razor_gguf.testing import tiny_model as tm
-from razor_gguf.testing.compare import F16_TOL, F32_TOL, RawContext, llama_logits, multi_seq_logits
+from razor_gguf.testing.compare import F16_TOL, F32_TOL, llama_logits, multi_seq_logits
 
 GGML_TYPE_Q8_0 = 8
-SINK, WINDOW = 4, 16
-MIXED = np.array([[1, 0], [0, 0], [0, 1], [1, 0]], np.int32)  # layer 1 all local, the others split
 SCALE = [0.5, 1.5, 1.0, 0.5]
 WINDOWS = [8, 24, 16, 8]  # round(scale * 16): three rings
-NO_COMP = {"razor.compensation": False}
 
 
 @pytest.fixture(scope="module")
@@ -97,38 +96,15 @@ def test_multiple_sequences(scaled, unified, compensation):
 @pytest.mark.parametrize("unified", [False, True])
 def test_seq_cp_and_keep(scaled, unified):
     """Copy a sequence whose early tokens are folded in every ring, continue both copies, keep one."""
-    cfg = scaled[1]
-    prefix = list(_tokens(cfg, 80, seed=20))
-    tails = [list(_tokens(cfg, 20, seed=21)), list(_tokens(cfg, 20, seed=22))]
-    more = list(_tokens(cfg, 10, seed=23))
+    got, kept, (prefix, tails, more) = copy_continue_keep(scaled, unified)
     n = len(prefix)
-    with RawContext(scaled[0], n_ctx=512, n_batch=128, n_ubatch=16, n_seq_max=2, unified=unified) as rc:
-        rc.decode([(t, i, 0) for i, t in enumerate(prefix)])
-        rc.seq_cp(0, 1)
-        got = [[], []]
-        for i in range(20):
-            out = rc.decode([(tails[0][i], n + i, 0), (tails[1][i], n + i, 1)])
-            got[0].append(out[0])
-            got[1].append(out[1])
-        rc.seq_keep(1)
-        kept = [rc.decode([(t, n + 20 + i, 1)])[0] for i, t in enumerate(more)]
     for j in (0, 1):
         assert np.abs(np.array(got[j]) - _oracle(scaled, prefix + tails[j])[n:]).max() < F32_TOL
     assert np.abs(np.array(kept) - _oracle(scaled, prefix + tails[1] + more)[n + 20:]).max() < F32_TOL
 
 
 def test_trim_within_every_margin_then_continue(scaled):
-    toks = _tokens(scaled[1], 120, seed=8)
-    fresh = llama_logits(scaled[0], toks, n_ctx=512)
-    llm = _llama(scaled[0])
-    try:
-        llm.eval(list(toks[:100]) + list(_tokens(scaled[1], 12, seed=9)))
-        assert llm._ctx.kv_cache_seq_rm(-1, 100, -1)
-        llm.n_tokens = 100
-        llm.eval(list(toks[100:]))
-        assert np.abs(np.array(llm.scores[:120]) - fresh).max() < F32_TOL
-    finally:
-        llm.close()
+    assert trim_and_continue(scaled) < F32_TOL
 
 
 def test_remove_folded_positions_refused(scaled):
@@ -147,19 +123,7 @@ def test_remove_folded_positions_refused(scaled):
 
 
 def test_state_save_load_round_trip(scaled):
-    toks = list(_tokens(scaled[1], 140, seed=13))
-    llm = _llama(scaled[0])
-    try:
-        llm.eval(toks[:100])
-        state = llm.save_state()
-        llm.eval(toks[100:])
-        first = np.array(llm.scores[100:140])
-        llm.eval(list(_tokens(scaled[1], 30, seed=14)))
-        llm.load_state(state)
-        llm.eval(toks[100:])
-        assert np.abs(np.array(llm.scores[100:140]) - first).max() < F32_TOL
-    finally:
-        llm.close()
+    assert save_continue_restore(scaled) < F32_TOL
 
 
 def test_kv_bytes_by_ring(scaled):
