@@ -6,6 +6,8 @@ sum_l n_local(l) * W_l = W * sum_l n_local(l) (the uniform window's memory). Per
 not beat a uniform window on SmolLM2 (shared notes); an allocation measured end to end did (tools/layer_windows.py,
 KLD ratio 0.81 at W 256). So:
 
+Every KLD is taken over the positions from S + W/2 on, where the shortened layers start to evict.
+
 1. sensitivity of each layer: the KLD against the full model when that layer alone drops to W/2;
 2. allocations: the k least sensitive layers at W/2, the others at the window that keeps the memory equal, for k
    a few fractions of the layers with local heads; each whole allocation measured on the calibration chunks;
@@ -98,7 +100,10 @@ def measure_layer_windows(model, head_map: np.ndarray, calib: list[list[int]], v
     swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
     n_local = [0 if swa[l] else int((1 - head_map[l]).sum()) for l in range(hp.n_layer)]
     local = [l for l in range(hp.n_layer) if n_local[l] > 0]
-    lo = n_sink + window  # positions where every allocation evicts
+    # from the first position any allocation evicts at (its short layers at window/2): measured only past
+    # n_sink + window, where the uniform window evicts too, an allocation looked better than it is (the short
+    # layers' loss before that point went unseen; in llama.cpp at SmolLM2's 0.75 budget it doubled the KLD)
+    lo = n_sink + window // 2
     if not local or any(len(t) <= lo + BLOCK for t in calib + valid):
         raise ValueError(f"layer windows: need local heads and chunks longer than {lo + BLOCK} tokens")
     fulls: dict[tuple[str, int], np.ndarray] = {}

@@ -70,7 +70,7 @@ def test_selection_machinery(smollm2_short):
     assert r.ratio_95[0] <= r.ratio <= r.ratio_95[1] or abs(r.ratio - r.ratio_95[1]) < 0.05
     assert r.adopted == (r.ratio_95[1] < 1.0 and r.probe_per_layer >= r.probe_uniform)
     assert r.n_probes == 2 and 0 <= r.probe_uniform <= 2 and 0 <= r.probe_per_layer <= 2
-    assert 0.5 < r.top1_uniform <= 1 and r.n_positions == 640 - 132
+    assert 0.5 < r.top1_uniform <= 1 and r.n_positions == 640 - (4 + 64)  # from S + W/2
 
 
 def test_retrieval_probes(smollm2_path):
