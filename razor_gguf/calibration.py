@@ -84,12 +84,24 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
     return out.reshape(H, T, v.shape[2])
 
 
+def swa_layers(hp) -> list[bool]:
+    """Which layers of the reference model are sliding-window layers (all False for other models)."""
+    return hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+
+
+def local_heads(hp, head_map: np.ndarray) -> list[int]:
+    """Local (non-retrieval) KV heads per layer that razor splits: 0 in a sliding-window layer, whose heads keep
+    llama.cpp's SWA cache."""
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    return [0 if s else int((1 - head_map[l]).sum()) for l, s in enumerate(swa_layers(hp))]
+
+
 def razor_policy(hp, head_map: np.ndarray, n_sink: int, window: int | Sequence[int], compensation: bool):
     """The whole model's attention under razor for ReferenceModel.forward(attention=...): head_map
     [n_layer, n_head_kv]; window: one for every layer or one per layer (razor.layer_window_scale); the
     sliding-window layers of an iSWA model keep their window (llama.cpp's SWA cache: every head local, no
     sinks, no row)."""
-    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    swa = swa_layers(hp)
     no_retrieval = np.zeros(head_map.shape[1])
     windows = [int(window)] * hp.n_layer if np.isscalar(window) else [int(w) for w in window]
 
@@ -188,7 +200,7 @@ def measure_budgets(model, head_map: np.ndarray, chunks: list[list[int]], *, n_s
 
     hp = model.hp
     head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
-    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
+    swa = swa_layers(hp)
     n_tok = min(len(t) for t in chunks)
     lo = n_tok - n_tok // 4
     windows = [window_for_budget(b, head_map, n_tok, n_sink, [not s for s in swa]) for b in budgets]

@@ -179,16 +179,13 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windo
     setting, the recommended KV budget, and (layer_windows) per-layer windows at that budget's window.
     (None, None, None) where there is nothing to measure: no local head (every head of the global layers a
     retrieval head: razor runs the stock cache), or a context too short to evict anything."""
-    import numpy as np
-
     from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
-                              measure_budgets, measure_compensation)
+                              local_heads, measure_budgets, measure_compensation)
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
-    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
-    n_local = sum(int((1 - np.asarray(row)).sum()) for row, s in zip(np.asarray(head_map), swa) if not s)
-    if n_local == 0 or n_tokens < n_sink + window + 256:
+    n_local = local_heads(hp, head_map)
+    if sum(n_local) == 0 or n_tokens < n_sink + window + 256:
         return None, None, None
     from . import _native
 
@@ -220,8 +217,7 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windo
 
         # at the recommended budget's window (else the recorded window), at the calibration length
         w = budgets.windows[budgets.budgets.index(budgets.kv_budget)] if budgets.kv_budget is not None else window
-        n_layers_local = sum(1 for row, s in zip(np.asarray(head_map), swa) if not s and (1 - np.asarray(row)).sum())
-        with _bar(passes(n_layers_local, len(chunks), len(valid), n_probes=len(probes)), "layer windows",
+        with _bar(passes(sum(n > 0 for n in n_local), len(chunks), len(valid), n_probes=len(probes)), "layer windows",
                   unit="pass") as bar:
             try:
                 windows = measure_layer_windows(model, head_map, chunks, valid, n_sink=n_sink, window=w,
@@ -403,8 +399,9 @@ def add_subcommands(sub) -> None:
     e.add_argument("--layer-windows", action="store_true",
                    help="also measure per-layer windows against one uniform window at equal memory (the layers "
                         "whose eviction costs least give half their window to the others; whole-model KLD on "
-                        "calibration text, validated on other text; ~5 min more for SmolLM2) and store them as the "
-                        "model's default where the 95%% interval says they win")
+                        "calibration text, validated on other text; ~6-7 min more for SmolLM2) and store them as the "
+                        "model's default where the 95%% interval says they win; an experiment: on SmolLM2 what it "
+                        "adopts at the 0.75 budget loses in llama.cpp, see README")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")

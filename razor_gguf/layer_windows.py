@@ -38,7 +38,7 @@ class LayerWindowMeasurement:
     window: int  # the uniform window the allocation is measured against (the memory both spend)
     scales: tuple[float, ...]  # [n_layer] the best allocation's W_l / window (1 for layers without local heads)
     n_short: int  # layers at window/2 in it
-    adopted: bool  # it beat the uniform window on validation (95% interval of the KLD ratio below 1)
+    adopted: bool  # it beat the uniform window on validation (KLD ratio's 95% interval below 1, probe not worse)
     kld_uniform: float  # validation next-token KLD against the full model
     kld_per_layer: float
     ratio: float  # kld_per_layer / kld_uniform
@@ -91,14 +91,13 @@ def measure_layer_windows(model, head_map: np.ndarray, calib: list[list[int]], v
                           progress: Callable[[], None] | None = None) -> LayerWindowMeasurement:
     """Sensitivity on calib[0], allocations on calib, the best against uniform on valid and on the retrieval
     probes (see the module)."""
-    from .calibration import razor_policy
+    from .calibration import local_heads, razor_policy
     from .intervals import block_means, bootstrap_ratio
     from .kld import kl_and_top1
 
     hp = model.hp
     head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
-    swa = hp.swa_layers if hp.swa_layers and any(hp.swa_layers) else [False] * hp.n_layer
-    n_local = [0 if swa[l] else int((1 - head_map[l]).sum()) for l in range(hp.n_layer)]
+    n_local = local_heads(hp, head_map)
     local = [l for l in range(hp.n_layer) if n_local[l] > 0]
     # from the first position any allocation evicts at (its short layers at window/2): measured only past
     # n_sink + window, where the uniform window evicts too, an allocation looked better than it is (the short
@@ -126,16 +125,16 @@ def measure_layer_windows(model, head_map: np.ndarray, calib: list[list[int]], v
         return float(np.concatenate(parts).mean())
 
     uniform = [window] * hp.n_layer
-    sens_chunks = calib[:1]
-    base = mean(run("calib", sens_chunks, uniform)[0])
+    uniform_calib = run("calib", calib, uniform)[0]
+    base = float(uniform_calib[0].mean())  # the sensitivities are taken on calib[0] alone
     sensitivity = {}
     for l in local:
         w = list(uniform)
         w[l] = window // 2
-        sensitivity[l] = mean(run("calib", sens_chunks, w)[0]) - base
+        sensitivity[l] = mean(run("calib", calib[:1], w)[0]) - base
     order = sorted(local, key=lambda l: sensitivity[l])
 
-    calib_kld = {0: mean(run("calib", calib, uniform)[0])}
+    calib_kld = {0: mean(uniform_calib)}
     candidates = {}
     for frac in fractions:
         k = min(len(local) - 1, max(1, round(frac * len(local))))
@@ -178,4 +177,4 @@ def measure_layer_windows(model, head_map: np.ndarray, calib: list[list[int]], v
 def passes(n_layers_local: int, n_calib: int, n_valid: int, fractions: Sequence[float] = FRACTIONS,
            n_probes: int = 0) -> int:
     """The razor passes measure_layer_windows reports to `progress` (one per chunk or probe run)."""
-    return (1 + n_layers_local) + n_calib * (1 + len(fractions)) + 2 * n_valid + 2 * n_probes
+    return n_layers_local + n_calib * (1 + len(fractions)) + 2 * n_valid + 2 * n_probes

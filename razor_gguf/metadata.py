@@ -93,16 +93,17 @@ def layer_windows_kv(lw, adopt: bool | None = None) -> dict:
     return kv
 
 
-def razor_kv_of(reader) -> dict:
-    """The razor.* keys a GGUF holds, in build_razor_kv's form (to rewrite some of them with write_with_razor)."""
+def _field_kv(f) -> tuple:
+    """A GGUF reader field as (GGUFValueType, value, array sub-type or None), the form GGUFWriter.add_key_value takes."""
     import gguf
 
-    out = {}
-    for f in reader.fields.values():
-        if f.name.startswith(PREFIX):
-            vt = f.types[0]
-            out[f.name] = (vt, f.contents(), f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    return out
+    vt = f.types[0]
+    return vt, f.contents(), f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+
+
+def razor_kv_of(reader) -> dict:
+    """The razor.* keys a GGUF holds, in build_razor_kv's form (to rewrite some of them with write_with_razor)."""
+    return {f.name: _field_kv(f) for f in reader.fields.values() if f.name.startswith(PREFIX)}
 
 
 def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
@@ -186,9 +187,8 @@ def write_with_razor(
         for f in reader.fields.values():
             if f.name == "general.architecture" or f.name.startswith("GGUF.") or f.name.startswith(PREFIX):
                 continue
-            vt = f.types[0]
-            sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+            vt, val, sub = _field_kv(f)
+            writer.add_key_value(f.name, val, vt, sub_type=sub)
         for k, (vt, val, sub) in razor_kv.items():
             writer.add_key_value(k, val, vt, sub_type=sub)
         for t in reader.tensors:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_razor_cache import (MIXED, NO_COMP, SINK, WINDOW, copy_continue_keep, save_continue_restore,
+from test_razor_cache import (MIXED, NO_COMP, SINK, WINDOW, _tokens, copy_continue_keep, save_continue_restore,
                               trim_and_continue)
 
 from razor_gguf.testing import tiny_forward as tf
@@ -24,10 +24,6 @@ def scaled(tmp_path_factory):
     path = tm.write_tiny_model(tmp_path_factory.mktemp("razor") / "scaled.gguf", cfg,
                                tm.RazorMeta(head_map=MIXED, n_sink=SINK, window=WINDOW, layer_window_scale=SCALE))
     return path, cfg, tm.read_weights(path)
-
-
-def _tokens(cfg, n, seed=1):
-    return np.random.default_rng(seed).integers(3, cfg.n_vocab, size=n)
 
 
 def _oracle(model, toks, window=WINDOWS, compensation=True, head_map=MIXED):

@@ -7,8 +7,8 @@ the selection embed-heads --layer-windows runs), evaluated on held-out text.
 
 Selection on the calibration text (pydoc_data.topics), judged on held-out text (stdlib docstrings,
 razor_gguf.evaluation.kld_tokens: the KLD evaluation's text, never the calibration text): next-token KLD and
-top-1 against the full model over the positions past S + W, with a paired block-bootstrap 95% interval of the
-KLD ratio. --write copies the model with the measured allocation as its razor.layer_window_scale (whether or not
+top-1 against the full model from position S + W/2 on (where the shortened layers start to evict), with a paired
+block-bootstrap 95% interval of the KLD ratio. --write copies the model with the measured allocation as its razor.layer_window_scale (whether or not
 it won: to run it in llama.cpp, e.g. tools/evidence.py's layer-windows plan).
 """
 
