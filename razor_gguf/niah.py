@@ -130,20 +130,23 @@ class MultiNeedlePrompt:
 
 
 def make_multi_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int,
-                      needles: Sequence[tuple[str, str, float]], ask: int) -> MultiNeedlePrompt:
+                      needles: Sequence[tuple[str, str, float]], ask: int, *, needle: str = NEEDLE,
+                      question: str = QUESTION, intro: str = INTRO) -> MultiNeedlePrompt:
     """RULER's multi-key form: several needles (city, number, depth) in one haystack, the question naming
-    the city of needles[ask]; the other needles are distractors of the same shape. At most n_tokens tokens."""
+    the city of needles[ask]; the other needles are distractors of the same shape. At most n_tokens tokens.
+    needle/question/intro: other wordings (format fields {city}, {number}), e.g. for calibration probes that
+    must not share the evaluation's."""
     if not 0 <= ask < len(needles) or len({c for c, _, _ in needles}) != len(needles):
         raise ValueError("needles need distinct cities and `ask` must index one of them")
     if any(not 0.0 <= d <= 1.0 for _, _, d in needles):
         raise ValueError("depths must be in [0, 1]")
     order = sorted(needles, key=lambda n: n[2])
-    texts = [NEEDLE.format(city=c, number=x) for c, x, _ in order]
+    texts = [needle.format(city=c, number=x) for c, x, _ in order]
     city, number, depth = needles[ask]
-    question = QUESTION.format(city=city)
-    taken = _sentences(tokenize, haystack, n_tokens - len(tokenize(INTRO + "".join(texts) + question)), n_tokens)
+    question = question.format(city=city)
+    taken = _sentences(tokenize, haystack, n_tokens - len(tokenize(intro + "".join(texts) + question)), n_tokens)
     while True:
-        parts, prev = [INTRO], 0
+        parts, prev = [intro], 0
         for (_, _, d), t in zip(order, texts):
             at = round(len(taken) * d)
             parts += taken[prev:at] + [t]
@@ -156,10 +159,10 @@ def make_multi_prompt(tokenize: Callable[[str], Sequence[int]], haystack: str, n
 
 
 def multi_trial(tokenize: Callable[[str], Sequence[int]], haystack: str, n_tokens: int, n_needles: int,
-                seed: int) -> MultiNeedlePrompt:
+                seed: int, **wording) -> MultiNeedlePrompt:
     """One multi-needle prompt from a seed: n_needles distinct cities with random seven-digit numbers at
-    random depths, the question naming one of them at random."""
+    random depths, the question naming one of them at random (wording: make_multi_prompt's)."""
     rng = random.Random(seed)
     cities = rng.sample(CITIES, n_needles)
     needles = [(c, str(rng.randint(1_000_000, 9_999_999)), rng.random()) for c in cities]
-    return make_multi_prompt(tokenize, haystack, n_tokens, needles, rng.randrange(n_needles))
+    return make_multi_prompt(tokenize, haystack, n_tokens, needles, rng.randrange(n_needles), **wording)

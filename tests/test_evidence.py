@@ -58,6 +58,12 @@ def test_multi_needle_prompt():
     assert niah.multi_trial(tokenize, hay, 3000, 4, seed=6) != p
     with pytest.raises(ValueError):
         niah.make_multi_prompt(tokenize, hay, 500, [("Oslo", "1", 0.1), ("Oslo", "2", 0.2)], 0)
+    # another wording (calibration probes that share no sentence with the evaluation): same needles, other text
+    w = dict(needle="The code of {city} is {number}.\n", question="\nThe code of {city} is", intro="Codes.\n")
+    q = niah.multi_trial(tokenize, hay, 3000, 4, seed=5, **w)
+    assert q.needles == p.needles and q.answer == p.answer and q.n_tokens <= 3000
+    assert q.text.startswith("Codes.\n") and q.text.endswith(f"\nThe code of {q.city} is")
+    assert all(f"The code of {c} is {x}." in q.text for c, x, _ in q.needles) and "magic" not in q.text
 
 
 def _run(*args, timeout=900):
@@ -107,6 +113,13 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
             assert [p["i"] for p in cells2[k]["prompts"]] == [0, 1, 2]
             assert cells2[k]["prompts"][:2] == cells[k]["prompts"]
 
+    # --task / --method: only those cells of the plans (one sitting can take a few)
+    r = _run(*base, "--plan", "targets", "--n", "4", "--task", "passkey", "--method", "razor")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells3 = json.loads(out.read_text())["cells"]
+    grown = {k for k in keys if cells3[k].get("n") == 4}
+    assert grown == {"passkey/512/razor/0.6"}
+
     r = _run("report", str(out), "--plot", str(tmp_path / "frontier.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| 512 | 0.6 | razor |" in r.stdout and "mean KLD" in r.stdout
@@ -118,3 +131,24 @@ def test_evidence_refuses_another_model(smollm2_path, tmp_path):
     out.write_text(json.dumps({"model": "x.gguf", "model_sha256": "0" * 64, "cells": {}}))
     r = _run("run", smollm2_path, "--out", str(out), "--plan", "targets", "--ctx", "256", "--n", "1")
     assert r.returncode != 0 and "another model" in r.stderr
+
+
+def test_copy_heads_tool_runs(smollm2_razor, tmp_path):
+    """tools/copy_heads.py at a small size: scores in [0, 1] for every KV head, maps of the stored map's size,
+    every cell with its per-prompt results (the numbers themselves: docs/results/copy-heads-smollm2.json)."""
+    out = tmp_path / "copy.json"
+    tool = TOOL.parent / "copy_heads.py"
+    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--probes", "1", "--tokens", "384",
+                        "--eval", "1", "--lengths", "384", "--budget", "0.6", "--policies", "full,copy",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    stored = np.asarray(res["maps"]["stored"])
+    assert stored.shape == (30, 3) and res["answer_tokens_scored"] > 0
+    for name in ("mass", "copy"):
+        s = np.asarray(res[name])
+        assert s.shape == stored.shape and (0 <= s).all() and (s <= 1 + 1e-6).all() and s.max() > 0
+        assert np.asarray(res["maps"][name]).sum() == stored.sum()
+    assert [(c["task"], c["policy"]) for c in res["cells"]] == [(t, p) for t in ("passkey", "niah4") for p in ("full", "copy")]
+    assert all(len(c["per_prompt"]) == 1 and c["correct"] == sum(c["per_prompt"]) for c in res["cells"])
+    assert res["cells"][1]["window"] > 0 and res["cells"][0]["window"] is None

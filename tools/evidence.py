@@ -309,21 +309,25 @@ def cmd_run(args) -> int:
         budgets = args.budget or p["budgets"]
         n = args.n or p["n"]
         for task in p["tasks"]:
+            if args.task and task not in args.task:
+                continue
             for length in lengths:
                 if task == "kld":
                     for b in budgets:
                         jobs.append(("kld", length, None, b, n))
                     continue
-                jobs.append((task, length, "full", None, n))
+                if not args.method or "full" in args.method:
+                    jobs.append((task, length, "full", None, n))
                 for b in budgets:
                     for m in p["methods"]:
-                        jobs.append((task, length, m, b, n))
+                        if not args.method or m in args.method:
+                            jobs.append((task, length, m, b, n))
     for task, length, method, budget, n in jobs:
         if time.monotonic() > t_end:
             print("evidence: --max-minutes reached; run again to go on", file=sys.stderr)
             break
         if task == "kld":
-            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"]]
+            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"] if not args.method or m in args.method]
             wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args)
             label = f"kld/{length}/{budget:g}"
         else:
@@ -497,6 +501,8 @@ def main(argv=None) -> int:
     r.add_argument("--ctx", type=int, action="append", help="prompt lengths instead of the plans' (repeatable)")
     r.add_argument("--budget", type=float, action="append", help="KV budgets instead of the plans' (repeatable)")
     r.add_argument("--n", type=int, help="prompts per retrieval cell instead of the plans'")
+    r.add_argument("--task", action="append", help="only this task of the plans (passkey, mniah, kld; repeatable)")
+    r.add_argument("--method", action="append", help="only this method of the plans (full, razor, ...; repeatable)")
     r.add_argument("--n-gpu-layers", type=int, default=0)
     r.add_argument("--max-minutes", type=float, help="start no new cell after this long")
     r.add_argument("--no-progress", dest="progress", action="store_false")

@@ -33,6 +33,13 @@ if [[ $what == all || $what == eval ]]; then
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2.json" --plan targets,frontier,kld,kld-frontier \
     ${EVIDENCE_ARGS:-}
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2.json" --plot "$OUT/evidence-smollm2.png"
+  # the passkey cells again on the 2-core CPU (about 30 minutes), against the GPU run above
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan targets --ctx 4096 \
+    --task passkey --method full --method razor
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan targets --ctx 2048 \
+    --task passkey --method razor
+  # heads scored on needle copying against the probe's map (reference pass, about 40 minutes)
+  .venv/bin/python tools/copy_heads.py "$SMOL_R" --json "$OUT/copy-heads-smollm2.json"
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
