@@ -54,8 +54,9 @@ def needle_scores(model, tokenize, n_probes: int, n_tokens: int) -> tuple[np.nda
     mass = np.zeros((hp.n_layer, hp.n_head))
     copy = np.zeros((hp.n_layer, hp.n_head))
     steps = 0
+    prose = calibration_text()
     for i in range(n_probes):
-        p = niah.multi_trial(tokenize, calibration_text(), n_tokens - 8, 4, seed=10_000 + i, **WORDING)
+        p = niah.multi_trial(tokenize, prose, n_tokens - 8, 4, seed=10_000 + i, **WORDING)
         prompt, ans = tokenize(p.text), tokenize(" " + p.answer, False)
         at = _find_last(prompt, ans)
         if at < 0:
@@ -80,18 +81,12 @@ def needle_scores(model, tokenize, n_probes: int, n_tokens: int) -> tuple[np.nda
     return kv(mass), kv(copy), steps
 
 
-def top_map(score: np.ndarray, k: int) -> np.ndarray:
-    sel = np.zeros(score.size, dtype=np.int32)
-    sel[np.argsort(-score.ravel(), kind="stable")[:k]] = 1
-    return sel.reshape(score.shape)
+def top_map(hp, score: np.ndarray, k: int) -> np.ndarray:
+    """The k heads of highest score (ties by index), none in a sliding-window layer: SPEC's selection rule."""
+    from razor_gguf.calibration import swa_layers
+    from razor_gguf.scoring import select_heads
 
-
-def window_for(hp, head_map: np.ndarray, budget: float, n_tokens: int) -> int:
-    """The window whose kept tokens fill `budget` of the full cache (exact per token: no ring slack)."""
-    from razor_gguf.calibration import local_heads
-
-    n_local, n_retr = sum(local_heads(hp, head_map)), int(head_map.sum())
-    return int((budget * (n_local + n_retr) * n_tokens - n_retr * n_tokens) / n_local) - SINKS
+    return select_heads(np.zeros_like(score), score, k / score.size, 0.0, local_layers=swa_layers(hp))
 
 
 def answered(model, prompt: list[int], ans: list[int], attention) -> bool:
@@ -112,7 +107,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from razor_gguf import Llama, niah, passkey
-    from razor_gguf.calibration import razor_policy
+    from razor_gguf.calibration import razor_policy, swa_layers, window_for_budget
     from razor_gguf.metadata import open_gguf, read_razor
     from razor_gguf.reference import ReferenceModel
 
@@ -127,7 +122,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     mass, copy, steps = needle_scores(model, tokenize, a.probes, a.tokens)
     k = int(stored.sum())
-    maps = {"stored": stored, "mass": top_map(mass, k), "copy": top_map(copy + 1e-3 * mass, k)}  # mass breaks ties
+    maps = {"stored": stored, "mass": top_map(hp, mass, k), "copy": top_map(hp, copy + 1e-3 * mass, k)}  # mass breaks ties
     res = {"model": pathlib.Path(a.model).name, "settings": {**vars(a), "wording": WORDING, "n_sink": SINKS},
            "answer_tokens_scored": steps, "scoring_seconds": round(time.perf_counter() - t0, 1),
            "mass": mass.tolist(), "copy": copy.tolist(), "maps": {n: m.tolist() for n, m in maps.items()},
@@ -136,8 +131,9 @@ def main(argv=None) -> int:
           f"copy {res['overlap_with_stored']['copy']}", flush=True)
 
     policies = a.policies.split(",")
+    hay = niah.haystack_text()
+    global_layers = [not s for s in swa_layers(hp)]
     for n in (int(x) for x in a.lengths.split(",")):
-        hay = niah.haystack_text()
         tasks = {
             "passkey": [(tokenize(p.text), tokenize(" " + p.key, False)) for p in passkey.make_trials(tokenize, n, a.eval)],
             "niah4": [(tokenize(p.text), tokenize(" " + p.answer, False))
@@ -148,7 +144,10 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 window, attention = None, None
                 if name != "full":
-                    window = window_for(hp, maps[name], a.budget, n)
+                    # the window that fills the budget exactly per token (no ring slack): equal memory for every map
+                    window = window_for_budget(a.budget, maps[name], n, SINKS, global_layers)
+                    if window is None:
+                        ap.error(f"--budget {a.budget}: the {name} map's retrieval heads alone exceed it")
                     attention = razor_policy(hp, maps[name], SINKS, window, compensation=False)
                 ok = [answered(model, p, ans, attention) for p, ans in items]
                 res["cells"].append({"task": task, "n": n, "policy": name, "window": window, "correct": sum(ok),

@@ -303,6 +303,7 @@ def cmd_run(args) -> int:
     haystack = niah.haystack_text()
     t_end = time.monotonic() + args.max_minutes * 60 if args.max_minutes else math.inf
     plans = [PLANS[p] for p in args.plan.split(",")]
+    wanted = lambda m: not args.method or m in args.method  # noqa: E731  (--method)
     jobs = []
     for p in plans:
         lengths = args.ctx or p["lengths"]
@@ -316,18 +317,18 @@ def cmd_run(args) -> int:
                     for b in budgets:
                         jobs.append(("kld", length, None, b, n))
                     continue
-                if not args.method or "full" in args.method:
+                if wanted("full"):
                     jobs.append((task, length, "full", None, n))
                 for b in budgets:
                     for m in p["methods"]:
-                        if not args.method or m in args.method:
+                        if wanted(m):
                             jobs.append((task, length, m, b, n))
     for task, length, method, budget, n in jobs:
         if time.monotonic() > t_end:
             print("evidence: --max-minutes reached; run again to go on", file=sys.stderr)
             break
         if task == "kld":
-            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"] if not args.method or m in args.method]
+            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"] if wanted(m)]
             wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args)
             label = f"kld/{length}/{budget:g}"
         else:
