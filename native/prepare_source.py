@@ -129,8 +129,9 @@ def extract(sdist: pathlib.Path, dest: pathlib.Path) -> None:
         tar.extractall(dest, members=members, filter="data")
 
 
-def prepare_tree(sdist: pathlib.Path, patches: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    series = patch_series(patches)
+def prepare_tree(sdist: pathlib.Path, patches: pathlib.Path | None, out: pathlib.Path) -> pathlib.Path:
+    """The sdist's llama.cpp tree at `out` with the patch series of `patches` applied (none: stock)."""
+    series = patch_series(patches) if patches else []
     stamp = {
         "sdist_sha256": SDIST_SHA256,
         "patches": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in series},
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=pathlib.Path, help="where to put the patched tree")
     ap.add_argument("--tree", type=pathlib.Path,
                     help="patch an existing llama.cpp checkout in place instead (development)")
+    ap.add_argument("--stock", action="store_true",
+                    help="put the unpatched tree at --out (the stock build the parity tests compare against)")
     args = ap.parse_args(argv)
     try:
         if args.tree:
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         sdist = fetch_sdist(cache_dir())
         if args.sdist:
             print(sdist)
+            return 0
+        if args.stock and args.out:
+            print(prepare_tree(sdist, None, args.out))
             return 0
         if not (args.patches and args.out):
             ap.error("--patches and --out are required")

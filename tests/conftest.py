@@ -9,6 +9,7 @@ import time
 import pytest
 
 DATA = pathlib.Path(__file__).parent / "data"
+TOOLS = pathlib.Path(__file__).parents[1] / "tools"
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +21,8 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def golden_recipe():
-    """tools/record_golden.py as a module: the greedy-completion recipe the golden tokens were recorded with."""
-    spec = importlib.util.spec_from_file_location("record_golden", DATA.parents[1] / "tools" / "record_golden.py")
+    """tools/stock_golden.py as a module: the greedy-completion recipe the golden completion comes from."""
+    spec = importlib.util.spec_from_file_location("stock_golden", TOOLS / "stock_golden.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -29,7 +30,12 @@ def golden_recipe():
 
 @pytest.fixture(scope="session")
 def golden_smollm2() -> dict:
-    return json.loads((DATA / "golden_smollm2.json").read_text())
+    """SmolLM2's greedy completion from the stock llama.cpp built on this machine (native/build_stock.py:
+    about 3 minutes the first time, cached after): tokens, text and a digest of the logits."""
+    r = subprocess.run([sys.executable, str(TOOLS / "stock_golden.py")], capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,15 @@ def test_patch_that_does_not_apply_is_named(pristine, tmp_path):
         prep.apply_series(tree, SERIES)
 
 
+def test_stock_tree_has_no_patch(pristine, tmp_path):
+    """--stock (the parity tests' reference build) is the sdist's tree as shipped."""
+    tree = prep.prepare_tree(prep.fetch_sdist(prep.cache_dir()), None, tmp_path / "stock")
+    files = sorted({f for p in SERIES for f in prep.patch_files(p) if (pristine / f).is_file()})
+    assert files
+    for f in files:
+        assert (tree / f).read_bytes() == (pristine / f).read_bytes(), f
+
+
 def test_cli_error_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "patches"
     bad.mkdir()

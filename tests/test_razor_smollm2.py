@@ -23,15 +23,22 @@ def test_greedy_tokens_match_unpatched_golden(smollm2_razor, golden_smollm2, gol
     path = str(smollm2_razor[0])
     # n_ubatch 32 keeps the local ring (4 + 400 + 2 x 32 rows) within the 512-token context
     cls = functools.partial(Llama, kv_overrides=overrides, n_ubatch=32)
-    tokens, text = golden_recipe.greedy_completion(cls, path, golden_smollm2["request"])
-    assert tokens == golden_smollm2["tokens"]
-    assert text == golden_smollm2["text"]
+    got = golden_recipe.greedy_completion(cls, path, golden_smollm2["request"])
+    assert got == {k: golden_smollm2[k] for k in got}
 
     llm = Llama(model_path=path, n_ctx=512, n_ubatch=32, verbose=False, kv_overrides=overrides)
     try:
         assert _native.kv_bytes(llm._ctx.ctx).razor == (overrides.get("razor.retrieval_ratio") != 1.0)
     finally:
         llm.close()
+
+
+def test_eviction_moves_the_golden_logits(smollm2_razor, golden_smollm2, golden_recipe):
+    """The parity check above can fail: a window shorter than the completion evicts tokens, and the logits
+    the tokens are picked from move."""
+    cls = functools.partial(Llama, kv_overrides={"razor.window": 8}, n_ubatch=8)
+    got = golden_recipe.greedy_completion(cls, str(smollm2_razor[0]), golden_smollm2["request"])
+    assert got["logits_sha256"] != golden_smollm2["logits_sha256"]
 
 
 def test_trim_then_reevaluate_equals_fresh(smollm2_razor):
