@@ -152,3 +152,25 @@ def test_copy_heads_tool_runs(smollm2_razor, tmp_path):
     assert [(c["task"], c["policy"]) for c in res["cells"]] == [(t, p) for t in ("passkey", "niah4") for p in ("full", "copy")]
     assert all(len(c["per_prompt"]) == 1 and c["correct"] == sum(c["per_prompt"]) for c in res["cells"])
     assert res["cells"][1]["window"] > 0 and res["cells"][0]["window"] is None
+
+
+def test_passkey_diagnosis_tool_runs(smollm2_razor, tmp_path):
+    """tools/passkey_diagnosis.py at a small size: every policy on every prompt; a ring window longer than the
+    prompt evicts nothing, so razor_ring answers as the full cache does (the numbers themselves:
+    docs/results/passkey-diagnosis-smollm2.json)."""
+    out = tmp_path / "diag.json"
+    tool = TOOL.parent / "passkey_diagnosis.py"
+    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--tokens", "384", "--eval", "2",
+                        "--budget", "0.6", "--ring-window", "1000", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["prompts"]) == 2 and 0 < res["windows"]["razor"] < 384
+    for row in res["prompts"]:
+        assert 0 < row["needle"][0] < row["needle"][1] < row["n_tokens"] <= 384
+        pol = row["policies"]
+        assert list(pol) == ["full", "razor", "razor_ring", "razor_ring+needle"]
+        assert all(v["ok"] == (v["first_wrong"] is None) for v in pol.values())
+        assert pol["razor_ring"] == {**pol["full"], "s": pol["razor_ring"]["s"]}
+    assert res["correct"] == {k: sum(p["policies"][k]["ok"] for p in res["prompts"]) for k in res["correct"]}
+

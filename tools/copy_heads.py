@@ -106,19 +106,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
-    from razor_gguf import Llama, niah, passkey
+    from razor_gguf import niah, passkey
     from razor_gguf.calibration import razor_policy, swa_layers, window_for_budget
-    from razor_gguf.metadata import open_gguf, read_razor
-    from razor_gguf.reference import ReferenceModel
+    from reference_session import open_session
 
-    tok = Llama(model_path=a.model, vocab_only=True, verbose=False)
-    tokenize = lambda s, bos=True: list(tok.tokenize(s.encode(), add_bos=bos))  # noqa: E731
-    model = ReferenceModel(a.model)
+    session = open_session(a.model, ap.error)
+    tokenize, model, stored = session.tokenize, session.model, session.stored
     hp = model.hp
-    meta = read_razor(open_gguf(a.model))
-    if not meta:
-        ap.error(f"{a.model}: no razor.head_map (run razor-gguf embed-heads first)")
-    stored = np.asarray(meta["head_map"], dtype=np.int32).reshape(hp.n_layer, hp.n_head_kv)
     t0 = time.perf_counter()
     mass, copy, steps = needle_scores(model, tokenize, a.probes, a.tokens)
     k = int(stored.sum())
@@ -155,7 +149,7 @@ def main(argv=None) -> int:
                 print(f"{task} {n} {name} window {window}: {sum(ok)}/{len(ok)}", flush=True)
                 if a.json:
                     pathlib.Path(a.json).write_text(json.dumps(res) + "\n")
-    tok.close()
+    session.close()
     return 0
 
 
