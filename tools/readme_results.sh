@@ -40,6 +40,8 @@ if [[ $what == all || $what == eval ]]; then
     --task passkey --method razor
   # heads scored on needle copying against the probe's map (reference pass, about 40 minutes)
   .venv/bin/python tools/copy_heads.py "$SMOL_R" --json "$OUT/copy-heads-smollm2.json"
+  # where the passkey misses come from: window, rings' slack or the needle in the local heads (about 41 minutes)
+  .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --json "$OUT/passkey-diagnosis-smollm2.json"
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
