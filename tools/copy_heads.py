@@ -89,11 +89,6 @@ def top_map(hp, score: np.ndarray, k: int) -> np.ndarray:
     return select_heads(np.zeros_like(score), score, k / score.size, 0.0, local_layers=swa_layers(hp))
 
 
-def answered(model, prompt: list[int], ans: list[int], attention) -> bool:
-    logits = model.forward(prompt + ans[:-1], want_logits="all", logits_from=len(prompt) - 1, attention=attention)
-    return bool((logits.numpy().argmax(-1) == np.asarray(ans)).all())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -108,7 +103,7 @@ def main(argv=None) -> int:
 
     from razor_gguf import niah, passkey
     from razor_gguf.calibration import razor_policy, swa_layers, window_for_budget
-    from reference_session import open_session
+    from reference_session import first_wrong, open_session
 
     session = open_session(a.model, ap.error)
     tokenize, model, stored = session.tokenize, session.model, session.stored
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
                     if window is None:
                         ap.error(f"--budget {a.budget}: the {name} map's retrieval heads alone exceed it")
                     attention = razor_policy(hp, maps[name], SINKS, window, compensation=False)
-                ok = [answered(model, p, ans, attention) for p, ans in items]
+                ok = [first_wrong(model, p, ans, attention) is None for p, ans in items]
                 res["cells"].append({"task": task, "n": n, "policy": name, "window": window, "correct": sum(ok),
                                      "trials": len(ok), "per_prompt": ok, "s": round(time.perf_counter() - t1)})
                 print(f"{task} {n} {name} window {window}: {sum(ok)}/{len(ok)}", flush=True)

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     from razor_gguf import passkey
     from razor_gguf.calibration import window_for_budget
-    from reference_session import open_session
+    from reference_session import first_wrong, open_session
 
     session = open_session(a.model, ap.error)
     tokenize, model, stored = session.tokenize, session.model, session.stored
@@ -117,11 +117,8 @@ def main(argv=None) -> int:
                 "razor_ring+needle": keep_attention(stored, windows["razor_ring"], span),
                 "streaming+needle": keep_attention(none, windows["streaming"], span),
             }[name]
-            logits = model.forward(prompt + ans[:-1], want_logits="all", logits_from=len(prompt) - 1, attention=attention)
-            got = logits.numpy().argmax(-1)
-            wrong = [k for k, (g, t) in enumerate(zip(got, ans)) if g != t]
-            row["policies"][name] = {"ok": not wrong, "first_wrong": wrong[0] if wrong else None,
-                                     "s": round(time.perf_counter() - t0, 1)}
+            wrong = first_wrong(model, prompt, ans, attention)
+            row["policies"][name] = {"ok": wrong is None, "first_wrong": wrong, "s": round(time.perf_counter() - t0, 1)}
         res["prompts"].append(row)
         print(f"prompt {i} depth {p.depth:.2f}: " + ", ".join(
             f"{k} {'ok' if v['ok'] else 'x@' + str(v['first_wrong'])}" for k, v in row["policies"].items()), flush=True)

@@ -35,3 +35,11 @@ def open_session(path: str, error: Callable[[str], None]) -> ReferenceSession:
     hp = model.hp
     stored = np.asarray(meta["head_map"], dtype=np.int32).reshape(hp.n_layer, hp.n_head_kv)
     return ReferenceSession(lambda s, bos=True: list(tok.tokenize(s.encode(), add_bos=bos)), model, stored, tok.close)
+
+
+def first_wrong(model, prompt: list[int], ans: list[int], attention) -> int | None:
+    """The answer teacher-forced after the prompt under `attention` (None: the full model): the index of the first
+    answer token that is not the argmax, None when all are."""
+    logits = model.forward(prompt + ans[:-1], want_logits="all", logits_from=len(prompt) - 1, attention=attention)
+    wrong = np.flatnonzero(logits.numpy().argmax(-1) != np.asarray(ans))
+    return int(wrong[0]) if wrong.size else None
