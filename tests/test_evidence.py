@@ -174,3 +174,23 @@ def test_passkey_diagnosis_tool_runs(smollm2_razor, tmp_path):
         assert pol["razor_ring"] == {**pol["full"], "s": pol["razor_ring"]["s"]}
     assert res["correct"] == {k: sum(p["policies"][k]["ok"] for p in res["prompts"]) for k in res["correct"]}
 
+
+
+def test_passkey_diagnosis_snap_on_mniah(smollm2_razor, tmp_path):
+    """The query-aware policies on the multi-needle prompts at a small size: every prompt answered or not under
+    each, the share of local heads that kept the key recorded, the needle inside the prompt."""
+    out = tmp_path / "snap.json"
+    tool = TOOL.parent / "passkey_diagnosis.py"
+    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--task", "mniah", "--tokens", "384",
+                        "--eval", "2", "--ring-window", "120", "--keep", "16", "--policies", "full,snap,snap_razor",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["settings"]["task"] == "mniah" and len(res["prompts"]) == 2
+    for row in res["prompts"]:
+        assert 0 < row["needle"][0] < row["needle"][1] < row["n_tokens"] <= 384
+        assert list(row["policies"]) == ["full", "snap", "snap_razor"]
+        assert all(0.0 <= row["policies"][k]["key_kept"] <= 1.0 for k in ("snap", "snap_razor"))
+    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--policies", "full,snapkv"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "unknown snapkv" in r.stderr and "Traceback" not in r.stderr
