@@ -45,6 +45,8 @@ if [[ $what == all || $what == eval ]]; then
   # query-aware (SnapKV-style) selection in the local heads at the same memory (about 50 and 40 minutes)
   .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --policies snap_razor,snap_2pass,snap --keep 64 \
     --json "$OUT/passkey-snap-smollm2.json"
+  .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --policies snap_razor --keep 16 \
+    --json "$OUT/passkey-snap16-smollm2.json"
   .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --task mniah --policies full,razor_ring,snap_razor --keep 64 \
     --json "$OUT/mniah-snap-smollm2.json"
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
