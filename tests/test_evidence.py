@@ -66,8 +66,16 @@ def test_multi_needle_prompt():
     assert all(f"The code of {c} is {x}." in q.text for c, x, _ in q.needles) and "magic" not in q.text
 
 
-def _run(*args, timeout=900):
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout)
+def _run(*args, timeout=900, tool=TOOL):
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _run_json(script: str, tmp_path, *args) -> dict:
+    """tools/<script> with args and --json: exit status 0, the JSON it wrote."""
+    out = tmp_path / f"{script}.json"
+    r = _run(*args, "--json", str(out), timeout=600, tool=TOOL.parent / script)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(out.read_text())
 
 
 def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
@@ -136,13 +144,8 @@ def test_evidence_refuses_another_model(smollm2_path, tmp_path):
 def test_copy_heads_tool_runs(smollm2_razor, tmp_path):
     """tools/copy_heads.py at a small size: scores in [0, 1] for every KV head, maps of the stored map's size,
     every cell with its per-prompt results (the numbers themselves: docs/results/copy-heads-smollm2.json)."""
-    out = tmp_path / "copy.json"
-    tool = TOOL.parent / "copy_heads.py"
-    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--probes", "1", "--tokens", "384",
-                        "--eval", "1", "--lengths", "384", "--budget", "0.6", "--policies", "full,copy",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = _run_json("copy_heads.py", tmp_path, str(smollm2_razor[0]), "--probes", "1", "--tokens", "384",
+                    "--eval", "1", "--lengths", "384", "--budget", "0.6", "--policies", "full,copy")
     stored = np.asarray(res["maps"]["stored"])
     assert stored.shape == (30, 3) and res["answer_tokens_scored"] > 0
     for name in ("mass", "copy"):
@@ -158,13 +161,8 @@ def test_passkey_diagnosis_tool_runs(smollm2_razor, tmp_path):
     """tools/passkey_diagnosis.py at a small size: every policy on every prompt; a ring window longer than the
     prompt evicts nothing, so razor_ring answers as the full cache does (the numbers themselves:
     docs/results/passkey-diagnosis-smollm2.json)."""
-    out = tmp_path / "diag.json"
-    tool = TOOL.parent / "passkey_diagnosis.py"
-    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--tokens", "384", "--eval", "2",
-                        "--budget", "0.6", "--ring-window", "1000", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = _run_json("passkey_diagnosis.py", tmp_path, str(smollm2_razor[0]), "--tokens", "384", "--eval", "2",
+                    "--budget", "0.6", "--ring-window", "1000")
     assert len(res["prompts"]) == 2 and 0 < res["windows"]["razor"] < 384
     for row in res["prompts"]:
         assert 0 < row["needle"][0] < row["needle"][1] < row["n_tokens"] <= 384
@@ -175,22 +173,15 @@ def test_passkey_diagnosis_tool_runs(smollm2_razor, tmp_path):
     assert res["correct"] == {k: sum(p["policies"][k]["ok"] for p in res["prompts"]) for k in res["correct"]}
 
 
-
 def test_passkey_diagnosis_snap_on_mniah(smollm2_razor, tmp_path):
     """The query-aware policies on the multi-needle prompts at a small size: every prompt answered or not under
     each, the share of local heads that kept the key recorded, the needle inside the prompt."""
-    out = tmp_path / "snap.json"
-    tool = TOOL.parent / "passkey_diagnosis.py"
-    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--task", "mniah", "--tokens", "384",
-                        "--eval", "2", "--ring-window", "120", "--keep", "16", "--policies", "full,snap,snap_razor",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = _run_json("passkey_diagnosis.py", tmp_path, str(smollm2_razor[0]), "--task", "mniah", "--tokens", "384",
+                    "--eval", "2", "--ring-window", "120", "--keep", "16", "--policies", "full,snap,snap_razor")
     assert res["settings"]["task"] == "mniah" and len(res["prompts"]) == 2
     for row in res["prompts"]:
         assert 0 < row["needle"][0] < row["needle"][1] < row["n_tokens"] <= 384
         assert list(row["policies"]) == ["full", "snap", "snap_razor"]
         assert all(0.0 <= row["policies"][k]["key_kept"] <= 1.0 for k in ("snap", "snap_razor"))
-    r = subprocess.run([sys.executable, str(tool), str(smollm2_razor[0]), "--policies", "full,snapkv"],
-                       capture_output=True, text=True, timeout=600)
+    r = _run(str(smollm2_razor[0]), "--policies", "full,snapkv", timeout=600, tool=TOOL.parent / "passkey_diagnosis.py")
     assert r.returncode == 2 and "unknown snapkv" in r.stderr and "Traceback" not in r.stderr
