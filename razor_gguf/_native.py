@@ -18,7 +18,7 @@ import cffi
 
 BINDING_VERSION = "0.3.36"
 BASE_COMMIT = "0c1e57098"
-MIN_PATCH_VERSION = 5
+MIN_PATCH_VERSION = 6
 
 _CDEF = """
 uint32_t     llama_razor_patch_version(void);
@@ -31,6 +31,10 @@ int32_t      llama_razor_window(const void * ctx, uint32_t * n_sink, uint32_t * 
 int32_t      llama_razor_n_ubatch(const void * ctx);
 int32_t      llama_razor_layer_windows(const void * ctx, uint32_t * out, int32_t n);
 int32_t      llama_razor_ring_bytes(const void * ctx, uint32_t * windows, int64_t * bytes, int32_t n);
+int32_t      llama_razor_n_pin(const void * ctx);
+int32_t      llama_razor_set_pins(void * ctx, int32_t seq_id, const int32_t * pos, int32_t n);
+int32_t      llama_razor_pin_capture(void * ctx, bool on);
+int32_t      llama_razor_pin_scores(void * ctx, int32_t seq_id, float * out, int32_t n);
 """
 
 
@@ -233,6 +237,41 @@ def ring_bytes(ctx) -> list[tuple[int, int]] | None:
     w, b = ffi.new("uint32_t[]", n), ffi.new("int64_t[]", n)
     lib.llama_razor_ring_bytes(p, w, b, n)
     return [(int(w[i]), int(b[i])) for i in range(n)]
+
+
+def n_pin(ctx) -> int:
+    """Pinned tokens a sequence of this context may hold (razor.n_pin), 0 without pins or for a stock cache."""
+    ffi, lib = razor_lib()
+    return int(lib.llama_razor_n_pin(ffi.cast("void *", _ctx_ptr(ctx))))
+
+
+def set_pins(ctx, positions, seq_id: int = 0) -> int:
+    """Pin positions of a sequence (llama_razor_set_pins): every local head keeps them; they fill as they are
+    decoded. Returns how many were kept (positions below n_sink are sinks already)."""
+    ffi, lib = razor_lib()
+    pos = [int(x) for x in positions]
+    n = lib.llama_razor_set_pins(ffi.cast("void *", _ctx_ptr(ctx)), seq_id, ffi.new("int32_t[]", pos), len(pos))
+    if n < 0:
+        raise ValueError(f"cannot pin {len(pos)} positions: this context pins at most {n_pin(ctx)}")
+    return int(n)
+
+
+def pin_capture(ctx, on: bool) -> None:
+    """Start (clearing it) or stop recording the retrieval heads' attention per key (llama_razor_pin_capture)."""
+    ffi, lib = razor_lib()
+    if lib.llama_razor_pin_capture(ffi.cast("void *", _ctx_ptr(ctx)), on) < 0:
+        raise ValueError("this context has no pins or no retrieval heads")
+
+
+def pin_scores(ctx, n: int, seq_id: int = 0):
+    """The recorded attention per position [n] (numpy float32)."""
+    import numpy as np
+
+    ffi, lib = razor_lib()
+    out = np.zeros(n, dtype=np.float32)
+    if lib.llama_razor_pin_scores(ffi.cast("void *", _ctx_ptr(ctx)), seq_id, ffi.cast("float *", out.ctypes.data), n) < 0:
+        raise ValueError("this context has no recorded attention")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- RPC

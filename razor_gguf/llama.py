@@ -6,10 +6,11 @@ import atexit
 import ctypes
 import re
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 from . import _native
 from .overrides import razor_overrides
+from .pins import PIN_QUERIES, select_pins
 
 _llama_cpp = _native.load_llama_cpp()
 from llama_cpp import _logger  # noqa: E402  (after the binding is bound to the patched libraries)
@@ -178,6 +179,10 @@ class Llama(_llama_cpp.Llama):
              context is a ValueError naming the smallest.
       layer_windows: False gives every layer the same window; None/True keeps the per-layer windows
              embed-heads stored (razor.layer_window_scale: `window` and the budget then set their mean).
+      pins: tokens of each prompt every local head keeps beside its sinks and window (razor.n_pin; needs
+             compensation=False; their rows come out of a budget like the window's). A prompt evaluated from
+             an empty cache is then read twice: the first read records what the retrieval heads attend to from
+             the prompt's last tokens (razor_gguf.pins), the second pins the tokens they attend to most.
     rpc_servers: llama.cpp RPC workers (`razor-gguf rpc-server`), ["HOST:PORT", ...] or "HOST:PORT,...",
              registered as devices before the model loads; layers offloaded with n_gpu_layers are split
              across them (and their KV cache, razor's included, lives there). A worker that does not answer
@@ -193,10 +198,11 @@ class Llama(_llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, razor: bool | None = None, n_sink: int | None = None,
                  window: int | None = None, retrieval_ratio: float | None = None,
                  compensation: bool | None = None, kv_budget: float | str | None = None,
-                 layer_windows: bool | None = None, rpc_servers: str | list[str] | None = None, **kwargs: Any) -> None:
+                 layer_windows: bool | None = None, pins: int | None = None,
+                 rpc_servers: str | list[str] | None = None, **kwargs: Any) -> None:
         if rpc_servers:
             _native.add_rpc_servers(rpc_servers)
-        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget, layer_windows)
+        ours = razor_overrides(razor, n_sink, window, retrieval_ratio, compensation, kv_budget, layer_windows, pins)
         theirs = dict(kwargs.pop("kv_overrides", None) or {})
         clash = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
         if clash:
@@ -213,6 +219,41 @@ class Llama(_llama_cpp.Llama):
                 raise
         self._razor_notes = tap.lines
         self._razor_check(overrides.get("razor.enabled"))
+        self._pins: list[int] = []
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if self.n_tokens == 0 and _native.n_pin(self._ctx.ctx) > 0:
+            self._choose_pins(list(tokens))
+        super().eval(tokens)
+
+    def _choose_pins(self, tokens: list[int]) -> None:
+        """Reads a prompt that starts from an empty cache once to choose its pins (razor_gguf.pins), then clears
+        the cache and pins them, so that eval() reads it again with them."""
+        ctx = self._ctx.ctx
+        n_sink, _ = _native.window(ctx)
+        window = min(w for w in _native.layer_windows(ctx) if w > 0)
+        n_obs = min(PIN_QUERIES, _native.n_ubatch(ctx), self.n_batch, len(tokens) - 1)
+        end = len(tokens) - window  # the tokens that will have left every local window by the prompt's end
+        self._pins = []
+        _native.set_pins(ctx, [])
+        if n_obs < 1 or end <= n_sink or not any(_native.head_map(ctx)):
+            return
+        super().eval(tokens[:-n_obs])
+        _native.pin_capture(ctx, True)
+        try:
+            super().eval(tokens[-n_obs:])  # one ubatch: the record holds the last graph's queries
+        finally:
+            _native.pin_capture(ctx, False)
+        scores = _native.pin_scores(ctx, len(tokens))
+        self._pins = select_pins(scores, _native.n_pin(ctx), n_sink, end)
+        self.n_tokens = 0
+        _llama_cpp.llama_cpp.llama_memory_clear(_llama_cpp.llama_cpp.llama_get_memory(ctx), True)
+        _native.set_pins(ctx, self._pins)
+
+    @property
+    def pinned(self) -> list[int]:
+        """The positions the last prompt read from an empty cache pinned (empty without pins)."""
+        return list(self._pins)
 
     def close(self) -> None:
         # Bad razor options raise before llama_cpp.Llama.__init__ has run; its __del__ still calls close().

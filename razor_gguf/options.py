@@ -51,7 +51,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
                    help="flash attention (default on)")
     add_rpc_argument(p)
     g = p.add_argument_group("razor (environment variables RAZOR, RAZOR_N_SINK, RAZOR_WINDOW, "
-                             "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION, RAZOR_KV_BUDGET set the defaults)")
+                             "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION, RAZOR_KV_BUDGET, RAZOR_PINS set the defaults)")
     g.add_argument("--razor", action=argparse.BooleanOptionalAction, default=None,
                    help="require (--razor) or turn off (--no-razor) the razor KV cache "
                         "(default: on when the model has a head map)")
@@ -65,6 +65,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
                    help="the per-layer windows embed-heads stored, if any (default: on); --no-layer-windows gives "
                         "every layer the same window")
     add_kv_budget_argument(g)
+    g.add_argument("--pins", type=int, metavar="N",
+                   help="tokens of each prompt every local head keeps beside its window, chosen by a first read of the "
+                        "prompt (needs --no-compensation; default 0)")
 
 
 def add_rpc_argument(p) -> None:
@@ -108,6 +111,7 @@ def razor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "compensation": pick("compensation", "RAZOR_COMPENSATION", _env_bool),
         "kv_budget": pick("kv_budget", "RAZOR_KV_BUDGET", str),
         "layer_windows": getattr(args, "layer_windows", None),
+        "pins": pick("pins", "RAZOR_PINS", int),
     }
 
 

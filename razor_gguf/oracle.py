@@ -3,7 +3,8 @@
 The C++ razor cache is checked against this. Semantics, per KV head:
 
 - retrieval heads (head_map == 1): plain causal softmax attention over every earlier position;
-- local heads (head_map == 0): a query at position p sees the sinks (positions < S), the recent
+- local heads (head_map == 0): a query at position p sees the sinks (positions < S), the pinned
+  positions (razor.n_pin: any set of earlier positions, the same for every local head), the recent
   positions (p - W - slack_p, p], and one compensation row summarizing every position in
   [S, p - W - slack_p]: k̄, v̄ = mean of those keys / values, l = their count, logit
   q·k̄·scale + log(l) (so it weighs as l identical keys); masked when l == 0.
@@ -60,6 +61,7 @@ def razor_attention(
     scale: float | None = None,
     reference: bool = False,
     compensation: bool = True,
+    pins: Sequence[int] = (),
 ) -> Array:
     """Attention outputs [T, n_head, d] of one layer under the razor cache policy.
 
@@ -68,6 +70,7 @@ def razor_attention(
     Query head h reads KV head h // (n_head // n_head_kv) (llama.cpp's GQA broadcast).
     reference=True computes in float64 (the ground truth); otherwise float32, like the kernels.
     compensation=False drops the compensation row (razor.compensation = false): sinks + window only.
+    pins: positions every local head also keeps (razor.n_pin; the compensation row must be off).
     """
     dt = np.float64 if reference else np.float32
     q = np.asarray(q, dtype=dt)
@@ -88,6 +91,9 @@ def razor_attention(
     if pos.shape != (t,) or (np.diff(pos) <= 0).any():
         raise ValueError("positions must be [T] and strictly increasing")
     sl = _as_slack(slack, t)
+    pinned = np.isin(pos, np.asarray(list(pins), dtype=np.int64))[None, :]  # [1, T]
+    if pinned.any() and compensation:
+        raise ValueError("pins need compensation=False (the row would count a pinned token twice)")
     sc = dt(1.0 / np.sqrt(d) if scale is None else scale)
     group = n_head // n_head_kv
 
@@ -99,7 +105,7 @@ def razor_attention(
         causal = pk <= pq
         # First position still in the window; everything in [S, lo) has been evicted.
         lo = pq - window - sl[r0:r1, None] + 1
-        kept_local = causal & ((pk < n_sink) | (pk >= lo))
+        kept_local = causal & ((pk < n_sink) | (pk >= lo) | pinned)
         evicted = causal & (pk >= n_sink) & (pk < lo)
         n_ev = evicted.sum(axis=1).astype(dt)  # l per query row, [R]
         ev_w = evicted.astype(dt)

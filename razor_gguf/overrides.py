@@ -27,12 +27,14 @@ def parse_kv_budget(value: float | str) -> tuple[str, float | int]:
 
 def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window: int | None = None,
                     retrieval_ratio: float | None = None, compensation: bool | None = None,
-                    kv_budget: float | str | None = None, layer_windows: bool | None = None) -> dict[str, Any]:
+                    kv_budget: float | str | None = None, layer_windows: bool | None = None,
+                    pins: int | None = None) -> dict[str, Any]:
     """The kv_overrides that carry the razor options to the patched llama.cpp (SPEC section 2 keys).
 
     None leaves a setting to the model's razor.* metadata. kv_budget (see parse_kv_budget) sets the
     window for each context so the whole KV cache fits it; it cannot be combined with window. layer_windows=False
-    gives every layer the same window, ignoring the per-layer allocation embed-heads may have stored."""
+    gives every layer the same window, ignoring the per-layer allocation embed-heads may have stored. pins: tokens per
+    sequence every local head keeps beside its window (razor.n_pin; needs the compensation row off)."""
     out: dict[str, Any] = {}
     if kv_budget is not None:
         if window is not None:
@@ -57,4 +59,8 @@ def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window
         out["razor.compensation"] = bool(compensation)
     if layer_windows is not None:
         out["razor.layer_windows"] = bool(layer_windows)
+    if pins is not None:
+        if int(pins) < 0:
+            raise ValueError(f"pins must be >= 0, got {pins}")
+        out["razor.n_pin"] = int(pins)
     return out

@@ -137,6 +137,9 @@ def build_app(args: argparse.Namespace):
 
     check_model_file(args.model)
     razor = razor_kwargs(args)
+    if razor["pins"]:
+        # the server's model is llama-cpp-python's own Llama: it would hold pin rows but never choose pins
+        raise UserError("--pins: not in serve yet (the server does not read prompts twice); use chat or razor_gguf.Llama")
     overrides = flag_razor_overrides(**razor)
     kw = llama_kwargs(args)
     workers = kw.pop("rpc_servers", None)

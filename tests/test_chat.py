@@ -105,6 +105,7 @@ def test_chat_without_head_map_says_so(smollm2_path):
     ([__file__], "not a GGUF file"),
     (["MODEL", "--window", "0"], "window must be >= 1"),
     (["MODEL", "--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["MODEL", "--pins", "-1"], "pins must be >= 0"),
 ])
 def test_chat_bad_input_is_one_line_exit_2(smollm2_path, args, message):
     args = [smollm2_path if a == "MODEL" else a for a in args]

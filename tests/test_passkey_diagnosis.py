@@ -98,3 +98,26 @@ def test_snap_2pass_scores_with_the_first_reads_queries():
     diag.first_read_attention(HEAD_MAP, T + 8, 80, store2, obs=16)(0, torch.randn(q.shape), k, v)
     other = diag.snap_attention(HEAD_MAP, 40, 8, 80, "razor", obs=16, first_read=store2)(0, q, k, v)
     assert not torch.allclose(other[:GROUP, 80:], two[:GROUP, 80:])
+
+
+def test_shared_2pass_selection_is_the_retrieval_heads_attention():
+    """shared_2pass: the first read adds up the softmax attention the retrieval heads' last queries give every
+    prompt key (the retrieval heads see all of them); the chosen positions are the pooled top outside the sinks
+    and the recent window, and every local head of the second read sees them (and nothing else beyond sinks and
+    window)."""
+    q, k = tensors(3)
+    n_prompt, recent, n_keep = 80, 24, 6
+    store = {}
+    att = diag.retrieval_read_attention(HEAD_MAP, recent, n_prompt, store, obs=16)
+    att(0, q, k, torch.eye(T).expand(N_KV, T, T))
+    sc = torch.matmul(q[3:, n_prompt - 16:n_prompt], k[1, :n_prompt].T) / math.sqrt(D)
+    sc = sc.masked_fill(torch.arange(n_prompt)[None] > torch.arange(n_prompt - 16, n_prompt)[:, None], float("-inf"))
+    assert torch.allclose(store["score"], torch.softmax(sc, -1).sum((0, 1)), atol=1e-5)
+    assert abs(float(store["score"].sum()) - 16 * GROUP) < 1e-3
+    keep = diag.shared_selection(store["score"], n_keep, n_prompt, recent)
+    pooled = torch.nn.functional.max_pool1d(store["score"][None, None], 7, 1, 3)[0, 0]
+    assert keep == sorted((torch.topk(pooled[diag.SINKS:n_prompt - recent], n_keep).indices + diag.SINKS).tolist())
+    s = seen(diag.keep_attention(HEAD_MAP, recent, keep), q, k)
+    for i in (n_prompt - 1, T - 1):
+        want = set(range(diag.SINKS)) | set(keep) | set(range(max(0, i - recent + 1), i + 1))
+        assert set(torch.nonzero(s[0, i]).flatten().tolist()) == want

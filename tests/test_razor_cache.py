@@ -412,7 +412,7 @@ def test_graph_node_overhead(mixed, capfd):
     """The razor attention's extra graph nodes (views included) over the stock graph, per layer kind, so that a
     regression shows. MIXED has three split layers and one all-local layer (no permutation, no merge).
     Measured: +50 per split layer with the compensation row (permutation 10, fold 23, second attention and
-    merge), +27 without it (no fold, no sums)."""
+    merge), +27 without it (no fold, no sums), and +6 per layer with local heads for the pin copies."""
     stock = _graph_nodes(mixed[0], capfd, kv_overrides={"razor.enabled": False})
     with_row = _graph_nodes(mixed[0], capfd)
     without = _graph_nodes(mixed[0], capfd, kv_overrides=NO_COMP)
@@ -420,6 +420,10 @@ def test_graph_node_overhead(mixed, capfd):
           f"razor without the compensation row {without} (+{without - stock})")
     assert with_row - stock <= 3 * 50 + 25
     assert without - stock <= 3 * 27 + 4
+    # pinned tokens (razor.n_pin): a worst-case graph copies one into its pin row in each layer with local heads
+    # (K and V: reshape, get_rows, set_rows); decode graphs without a pinned token have none of these
+    pinned = _graph_nodes(mixed[0], capfd, kv_overrides={**NO_COMP, "razor.n_pin": 4})
+    assert pinned - without <= 4 * 6
 
 
 def _write_alibi_model(path):

@@ -182,3 +182,23 @@ def test_seq_cp_and_keep(mixed, unified):
     errs.append(np.abs(np.array(kept) - _oracle(mixed, prefix + tails[1] + more)[n + 20:]).max())
     print(f"\nunified {unified}: copies vs oracle {errs[0]:.3g}, {errs[1]:.3g}; kept {errs[2]:.3g}")
     assert max(errs) < F16_TOL
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_pins_chosen_and_kept(mixed, flash_attn):
+    """razor_gguf.Llama(pins=4) offloaded: the first read's record of the retrieval heads' attention (on the GPU)
+    chooses four pins, and the second read's logits are the oracle's with those pins."""
+    from razor_gguf import Llama
+
+    toks = list(_tokens(mixed[1], 100, seed=7))
+    llm = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, logits_all=True, type_k=0, type_v=0,
+                flash_attn=flash_attn, verbose=False, pins=4, compensation=False, **GPU)
+    try:
+        llm.eval(toks)
+        pins, got = llm.pinned, np.array(llm.scores[:100])
+    finally:
+        llm.close()
+    assert len(pins) == 4
+    ref = tf.forward(mixed[2], mixed[1], toks, head_map=test_razor_cache.MIXED, n_sink=test_razor_cache.SINK,
+                     window=test_razor_cache.WINDOW, compensation=False, pins=pins)
+    _check("pins", got, ref, mixed, toks, flash_attn=flash_attn)

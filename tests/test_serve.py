@@ -136,6 +136,7 @@ def test_oversize_prompt_is_a_clear_error_without_crash(server, client):
     (["MODEL", "--razor"], {}, "no razor head map"),
     (["MODEL"], {"RAZOR_WINDOW": "wide"}, "RAZOR_WINDOW='wide' is not a valid int"),
     (["MODEL", "--port", "70000"], {}, "--port must be in 0..65535"),
+    (["MODEL", "--pins", "8"], {}, "--pins: not in serve yet"),
 ])
 def test_serve_bad_input_is_one_line_exit_2(smollm2_path, args, env, message):
     args = [smollm2_path if a == "MODEL" else a for a in args]

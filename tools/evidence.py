@@ -17,7 +17,9 @@ Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the lar
   streaming    StreamingLLM: every head local (sinks + window), no compensation row;
   razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`);
   razor_uniform  razor with one window for every layer (razor.layer_windows = false): against `razor` on a model
-               whose embed-heads stored per-layer windows, the allocation's own effect (plan `layer-windows`).
+               whose embed-heads stored per-layer windows, the allocation's own effect (plan `layer-windows`);
+  razor_pins   razor (no compensation row) with 64 pinned tokens per local head, chosen by a first read of each
+               prompt (razor_gguf.pins; their rows come out of the same budget, so the window shrinks).
 Retrieval cells report accuracy with 95% Wilson intervals; KLD cells report mean KLD and top-1 agreement
 against the full cache with 95% block-bootstrap intervals (blocks of 256 positions) over held-out prose
 (Python's standard-library docstrings, never the calibration text of embed-heads).
@@ -48,6 +50,7 @@ METHODS = {
     "razor_paper": {"razor": True, "compensation": True},
     "streaming": {"razor": True, "retrieval_ratio": 0.0, "compensation": False},
     "razor_uniform": {"razor": True, "layer_windows": False},
+    "razor_pins": {"razor": True, "compensation": False, "pins": 64},
 }
 PLANS = {
     # the cells that carry the targets (and 2k, reported)
@@ -67,6 +70,9 @@ PLANS = {
                           n=1),
     "layer-windows-retrieval": dict(tasks=("mniah",), lengths=(4096,), budgets=(0.35,),
                                     methods=("razor", "razor_uniform"), n=20),
+    # pinned tokens chosen by a first read of each prompt, against razor at the same budget
+    "pins": dict(tasks=TASKS, lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_pins"), n=20),
+    "pins-kld": dict(tasks=("kld",), lengths=(4096,), budgets=(0.35,), methods=("razor", "razor_pins"), n=1),
 }
 N_NEEDLES = 4
 N_UBATCH = 256

@@ -163,7 +163,7 @@ bool razor_get_i64(const llama_model_loader & ml, const char * key, int64_t & ou
 } // namespace
 
 static llama_razor_ring razor_ring_for(const llama_razor_config & cfg, uint32_t n_window, uint32_t n_seq_stream, uint32_t n_ubatch, uint32_t kv_size) {
-    const uint32_t n_keep = n_seq_stream*(cfg.n_sink + n_window);
+    const uint32_t n_keep = n_seq_stream*(cfg.n_sink + n_window + cfg.n_pin);
     // the slack (one ubatch of new tokens, plus a scratch row per query with the compensation row) costs at
     // most about half the window
     const uint32_t n_ub0 = std::max(1u, std::min(n_ubatch, std::max(32u, n_window/4)));
@@ -204,7 +204,7 @@ std::vector<llama_razor_ring> llama_razor_rings_for(const llama_razor_config & c
     // one ubatch split for every ring: the smallest ring's; the others give the rows this frees to their margin
     const uint32_t k = cfg.compensation ? 2 : 1;
     for (auto & r : rings) {
-        const int64_t n_keep = (int64_t) n_seq_stream*(cfg.n_sink + r.n_window);
+        const int64_t n_keep = (int64_t) n_seq_stream*(cfg.n_sink + r.n_window + cfg.n_pin);
         r.n_ubatch = n_ub;
         r.n_margin = (uint32_t) std::clamp<int64_t>((int64_t) r.size - n_keep - (int64_t) k*n_ub, 0, LLAMA_RAZOR_MARGIN);
     }
@@ -269,6 +269,11 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
     razor_get_uint(ml, "razor.n_sink",  cfg->n_sink);
     razor_get_uint(ml, "razor.window",  cfg->n_window);
     razor_get_bool(ml, "razor.compensation", cfg->compensation);
+    razor_get_uint(ml, "razor.n_pin", cfg->n_pin);
+    if (cfg->n_pin > 0 && cfg->compensation) {
+        // the fold would sum a pinned token into the compensation row as well
+        throw std::runtime_error("razor: razor.n_pin (pinned tokens) needs razor.compensation = false");
+    }
 
     // a memory budget sets the window per context (llama_razor_fit_budget); a window given at load time wins
     // over a budget stored in the model, both given at load time is a mistake
@@ -339,9 +344,9 @@ std::shared_ptr<llama_razor_config> llama_razor_config_load(llama_model_loader &
         n_retr += cfg->n_retrieval(il);
         n_swa  += cfg->is_swa(il);
     }
-    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u%s, compensation = %s, retrieval KV heads = %u/%zu (%.1f%%)%s\n",
+    LLAMA_LOG_INFO("razor: %s, n_sink = %u, window = %u%s, compensation = %s, n_pin = %u, retrieval KV heads = %u/%zu (%.1f%%)%s\n",
             cfg->enabled ? "enabled" : "disabled", cfg->n_sink, cfg->n_window,
-            cfg->layer_window_scale.empty() ? "" : " (scaled per layer)", cfg->compensation ? "on" : "off",
+            cfg->layer_window_scale.empty() ? "" : " (scaled per layer)", cfg->compensation ? "on" : "off", cfg->n_pin,
             n_retr, n_map, 100.0*n_retr/n_map,
             n_swa ? format(", %u of %u layers sliding-window (stock SWA cache)", n_swa, cfg->n_layer).c_str() : "");
     if (cfg->has_budget()) {
@@ -441,6 +446,7 @@ void llama_razor_bytes_for(
             out[1] += tensor((int64_t) ring*n_stream*ggml_row_size(type_k, dk*n_loc)) +
                       tensor((int64_t) ring*n_stream*ggml_row_size(type_v, dv*n_loc));
             out[2] += cfg.compensation ? tensor((int64_t) n_seq_max*(dk + dv)*n_loc*(int64_t) sizeof(float)) : 0;
+            out[2] += cfg.n_pin > 0 && n_retr > 0 ? tensor((int64_t) kv_size*(int64_t) sizeof(float)) : 0;
         }
         out[3] += (int64_t) kv_size*n_stream*(ggml_row_size(type_k, hp.n_embd_k_gqa(il)) + ggml_row_size(type_v, hp.n_embd_v_gqa(il)));
     }
@@ -591,6 +597,7 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
         auto rg = std::make_unique<ring_group>();
         rg->geom      = geom;
         rg->n_scratch = cfg.compensation ? geom.n_ubatch : 0;
+        rg->n_pin_rows = cfg.n_pin*(unified ? n_seq_max : 1);
         rg->hparams   = model.hparams;
         rg->seqs.assign(n_seq_max, seq_state{});
         rings.push_back(std::move(rg));
@@ -648,8 +655,8 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
         for (uint32_t il = 0; il < n_layer; ++il) {
             n_lay += ring_idx[il] == (int32_t) r;
         }
-        LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells, %u layers (n_sink = %u, window = %u, ubatch = scratch = %u, margin = %u)\n",
-                __func__, rg.geom.size, n_lay, cfg.n_sink, rg.n_window(), rg.n_scratch, rg.n_margin());
+        LLAMA_LOG_INFO("%s: creating local KV cache, size = %u cells, %u layers (n_sink = %u, window = %u, ubatch = %u, scratch = %u, margin = %u, pin rows = %u)\n",
+                __func__, rg.geom.size, n_lay, cfg.n_sink, rg.n_window(), rg.geom.n_ubatch, rg.n_scratch, rg.n_margin(), rg.n_pin_rows);
         const layer_filter_cb filter_loc = [&](int32_t il) { return ring_idx[il] == (int32_t) r; };
         rg.kv = std::make_unique<llama_kv_cache>(
                 model, rg.hparams, type_k, type_v, /*v_trans =*/ false, offload, unified, rg.geom.size, n_seq_max, 1,
@@ -657,7 +664,7 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
                 rg.n_window() + rg.n_margin(), LLAMA_SWA_TYPE_STANDARD, nullptr, filter_loc, nullptr, nullptr,
                 rings.size() == 1 ? "loc_" : format("loc%u_", r).c_str());
         // one sequence per stream: place tokens by position, so that the cache layout does not depend on its history
-        rg.kv->set_sinks_and_reserved(cfg.n_sink, rg.n_scratch, /*pos_ring =*/ !unified || n_seq_max == 1);
+        rg.kv->set_sinks_and_reserved(cfg.n_sink, rg.n_pin_rows + rg.n_scratch, /*pos_ring =*/ !unified || n_seq_max == 1);
     }
 
     // compensation state, next to each layer's KV
@@ -668,21 +675,34 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
     };
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr, buft_cmp> ctx_map;
 
+    // and, with pins, the retrieval heads' attention per key for llama_razor_pin_scores
     comp.assign(n_layer, nullptr);
-    for (uint32_t il = 0; il < n_layer && cfg.compensation; ++il) {
-        if (cfg.n_local(il) == 0) {
+    pins.assign(n_seq_max, pin_state{});
+    if (cfg.n_pin > 0) {
+        pin_score.assign(n_layer, nullptr);
+    }
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        const bool want_comp  = cfg.compensation && cfg.n_local(il) > 0;
+        const bool want_score = cfg.n_pin > 0 && cfg.n_local(il) > 0 && cfg.n_retrieval(il) > 0;
+        if (!want_comp && !want_score) {
             continue;
         }
         ggml_backend_buffer_type_t buft = offload ? ggml_backend_dev_buffer_type(model.dev_layer(il)) : ggml_backend_cpu_buffer_type();
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params params = { size_t(n_layer*ggml_tensor_overhead()), nullptr, true };
+            ggml_init_params params = { size_t(2*n_layer*ggml_tensor_overhead()), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(params))).first;
         }
-        const auto & hl = rings[ring_idx[il]]->hparams;
-        const int64_t n_embd = hl.n_embd_k_gqa(il) + hl.n_embd_v_gqa(il);
-        comp[il] = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, n_embd, n_seq_max);
-        ggml_format_name(comp[il], "razor_comp_l%d", il);
+        if (want_comp) {
+            const auto & hl = rings[ring_idx[il]]->hparams;
+            const int64_t n_embd = hl.n_embd_k_gqa(il) + hl.n_embd_v_gqa(il);
+            comp[il] = ggml_new_tensor_2d(it->second.get(), GGML_TYPE_F32, n_embd, n_seq_max);
+            ggml_format_name(comp[il], "razor_comp_l%d", il);
+        }
+        if (want_score) {
+            pin_score[il] = ggml_new_tensor_1d(it->second.get(), GGML_TYPE_F32, kv_size);
+            ggml_format_name(pin_score[il], "razor_pin_score_l%d", il);
+        }
     }
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = hp.no_alloc ? ggml_backend_buft_alloc_buffer(buft, 0)
@@ -829,6 +849,7 @@ void llama_kv_cache_razor::clear(bool data) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         reset_seq(s);
     }
+    pins.assign(n_seq_max, pin_state{});
     if (data) {
         for (auto & [ctx, buf] : comp_bufs) {
             ggml_backend_buffer_clear(buf.get(), 0);
@@ -921,6 +942,7 @@ bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
             reset_seq(s);
         }
     }
+    unpin(seq_id, p0, p1); // the rows of removed pinned positions refill when those positions are decoded again
 
     bool res = true;
     if (kv_retr) {
@@ -938,6 +960,13 @@ bool llama_kv_cache_razor::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p
 void llama_kv_cache_razor::seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
     if (seq_id_src == seq_id_dst) {
         return;
+    }
+    drop_pins(seq_id_dst, __func__, "copying into");
+    for (uint8_t f : pins[seq_id_src].filled) {
+        if (f) {
+            LLAMA_LOG_WARN("%s: razor: the pinned tokens of sequence %d are not copied to sequence %d\n", __func__, seq_id_src, seq_id_dst);
+            break;
+        }
     }
     if (kv_retr) {
         kv_retr->seq_cp(seq_id_src, seq_id_dst, p0, p1);
@@ -979,6 +1008,7 @@ void llama_kv_cache_razor::seq_keep(llama_seq_id seq_id) {
     for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
         if (s != seq_id) {
             reset_seq(s);
+            pins[s] = pin_state{};
         }
     }
 }
@@ -994,8 +1024,92 @@ void llama_kv_cache_razor::reset_folded(llama_seq_id seq_id, const char * caller
     }
 }
 
+bool llama_kv_cache_razor::set_pins(llama_seq_id seq_id, std::vector<llama_pos> pos) {
+    GGML_ASSERT(seq_id >= 0 && (uint32_t) seq_id < n_seq_max);
+    std::sort(pos.begin(), pos.end());
+    pos.erase(std::unique(pos.begin(), pos.end()), pos.end());
+    pos.erase(pos.begin(), std::lower_bound(pos.begin(), pos.end(), (llama_pos) cfg.n_sink));
+    if (pos.size() > cfg.n_pin) {
+        return false;
+    }
+    auto & ps = pins[seq_id];
+    ps.filled.assign(pos.size(), 0);
+    ps.pos = std::move(pos);
+    return true;
+}
+
+uint32_t llama_kv_cache_razor::pin_col(uint32_t r, llama_seq_id seq_id, uint32_t j) const {
+    return rings[r]->pin_base() + (unified ? (uint32_t) seq_id : 0u)*cfg.n_pin + j;
+}
+
+void llama_kv_cache_razor::unpin(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if (seq_id >= 0 && s != seq_id) {
+            continue;
+        }
+        auto & ps = pins[s];
+        for (size_t j = 0; j < ps.pos.size(); ++j) {
+            if (ps.pos[j] >= p0 && ps.pos[j] < p1) {
+                ps.filled[j] = 0;
+            }
+        }
+    }
+}
+
+void llama_kv_cache_razor::drop_pins(llama_seq_id seq_id, const char * caller, const char * what) {
+    for (llama_seq_id s = 0; s < (llama_seq_id) n_seq_max; ++s) {
+        if (seq_id >= 0 && s != seq_id) {
+            continue;
+        }
+        // a pin row holds its key rotated at the old position: it cannot follow a shift
+        if (std::find(pins[s].filled.begin(), pins[s].filled.end(), 1) != pins[s].filled.end()) {
+            LLAMA_LOG_WARN("%s: razor: %s sequence %d, whose pinned tokens are dropped\n", caller, what, s);
+        }
+        pins[s] = pin_state{};
+    }
+}
+
+void llama_kv_cache_razor::set_pin_capture(bool on) {
+    if (on && !capture) {
+        if (sync_graph) {
+            sync_graph();
+        }
+        for (ggml_tensor * t : pin_score) {
+            if (t) {
+                ggml_backend_tensor_memset(t, 0, 0, ggml_nbytes(t));
+            }
+        }
+    }
+    capture = on;
+}
+
+bool llama_kv_cache_razor::pin_scores(llama_seq_id seq_id, float * out, int32_t n) const {
+    if (!kv_retr || pin_score.empty()) {
+        return false;
+    }
+    if (sync_graph) {
+        sync_graph();
+    }
+    std::fill(out, out + n, 0.0f);
+    std::vector<float> col;
+    for (ggml_tensor * t : pin_score) {
+        if (!t) {
+            continue;
+        }
+        col.resize(ggml_nelements(t));
+        ggml_backend_tensor_get(t, col.data(), 0, ggml_nbytes(t));
+        for (const auto & [pos, cell] : kv_retr->get_cells(seq_id).seq_pos_get(seq_id)) {
+            if (pos < n) {
+                out[pos] += col[cell];
+            }
+        }
+    }
+    return true;
+}
+
 void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
     reset_folded(seq_id, __func__, "shifting");
+    drop_pins(seq_id, __func__, "shifting");
     if (kv_retr) {
         kv_retr->seq_add(seq_id, p0, p1, shift);
     }
@@ -1009,6 +1123,7 @@ void llama_kv_cache_razor::seq_add(llama_seq_id seq_id, llama_pos p0, llama_pos 
 
 void llama_kv_cache_razor::seq_div(llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
     reset_folded(seq_id, __func__, "dividing positions of");
+    drop_pins(seq_id, __func__, "dividing positions of");
     if (kv_retr) {
         kv_retr->seq_div(seq_id, p0, p1, d);
     }
@@ -1097,6 +1212,17 @@ void llama_kv_cache_razor::state_write(llama_io_write_i & io, llama_seq_id seq_i
             io.write_tensor(t, seq_id*t->nb[1], t->nb[1]);
         }
     }
+
+    // pins (only with razor.n_pin: the layout without them is unchanged): positions, fill flags, the rows
+    for (uint32_t i = 0; i < n && cfg.n_pin > 0; ++i) {
+        const llama_seq_id s = seq_id < 0 ? (llama_seq_id) i : seq_id;
+        const auto & ps = pins[s];
+        const uint32_t np = ps.pos.size();
+        io.write(&np, sizeof(np));
+        io.write(ps.pos.data(), np*sizeof(llama_pos));
+        io.write(ps.filled.data(), np*sizeof(uint8_t));
+        for_each_pin_block(s, [&](ggml_tensor * t, size_t offs, size_t size) { io.write_tensor(t, offs, size); });
+    }
 }
 
 void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id, llama_state_seq_flags flags) {
@@ -1136,6 +1262,42 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
             rings[r]->seqs[seq_id < 0 ? i : seq_id] = st[(size_t) r*n + i];
         }
     }
+
+    for (uint32_t i = 0; i < n && cfg.n_pin > 0; ++i) {
+        const llama_seq_id s = seq_id < 0 ? (llama_seq_id) i : seq_id;
+        uint32_t np = 0;
+        io.read(&np, sizeof(np));
+        if (np > cfg.n_pin) {
+            throw std::runtime_error("razor: the saved state has more pinned tokens than razor.n_pin");
+        }
+        auto & ps = pins[s];
+        ps.pos.resize(np);
+        ps.filled.resize(np);
+        io.read(ps.pos.data(), np*sizeof(llama_pos));
+        io.read(ps.filled.data(), np*sizeof(uint8_t));
+        for_each_pin_block(s, [&](ggml_tensor * t, size_t offs, size_t size) { io.read_tensor(t, offs, size); });
+    }
+}
+
+void llama_kv_cache_razor::for_each_pin_block(llama_seq_id s, const std::function<void(ggml_tensor *, size_t, size_t)> & fn) const {
+    for (uint32_t r = 0; r < rings.size(); ++r) {
+        const auto & rg = *rings[r];
+        const uint64_t row0 = (uint64_t) rg.kv->get_stream(s)*rg.geom.size + pin_col(r, s, 0);
+        for (uint32_t il = 0; il < cfg.n_layer; ++il) {
+            if (ring_idx[il] != (int32_t) r) {
+                continue;
+            }
+            // the layer's V storage: the source of any view of it (llama_kv_cache exposes only K's)
+            ggml_init_params params = { 2*ggml_tensor_overhead(), nullptr, true };
+            ggml_context_ptr ctx(ggml_init(params));
+            llama_kv_cache::slot_info sinfo;
+            sinfo.s0 = sinfo.s1 = 0;
+            ggml_tensor * v = rg.kv->get_v(ctx.get(), il, rg.geom.size, sinfo)->view_src;
+            for (ggml_tensor * t : { rg.kv->get_k_storage(il), v }) {
+                fn(t, row0*t->nb[1], (size_t) cfg.n_pin*t->nb[1]);
+            }
+        }
+    }
 }
 
 bool llama_kv_cache_razor::plan_ubatch(uint32_t r, const llama_ubatch & ub, fold_plan & P) {
@@ -1168,6 +1330,9 @@ bool llama_kv_cache_razor::plan_ubatch(uint32_t r, const llama_ubatch & ub, fold
     P.log_l.assign(T, -INFINITY);
     P.scratch_col.assign(T, 0);
     P.hide.assign(NS, {});
+    P.pin_src.clear();
+    P.pin_dst.clear();
+    P.pinned.assign(NS, {});
 
     for (uint32_t t = 0; t < T; ++t) {
         if (ub.n_seq_id[t] != 1) {
@@ -1240,6 +1405,33 @@ bool llama_kv_cache_razor::plan_ubatch(uint32_t r, const llama_ubatch & ub, fold
             const uint32_t ii = t % n_tps;
             P.scratch_col[t] = size - n_scratch + ii;
             P.scratch[t]     = (int64_t) kv_loc->get_stream(s)*size + size - n_scratch + ii;
+        }
+    }
+
+    // pinned tokens of this ubatch: copied from their ring cell into their pin row by the graph
+    for (uint32_t t = 0; t < T && cfg.n_pin > 0; ++t) {
+        const llama_seq_id s = ub.seq_id[t][0];
+        auto & ps = pins[s];
+        const auto it = std::lower_bound(ps.pos.begin(), ps.pos.end(), ub.pos[t]);
+        if (it == ps.pos.end() || *it != ub.pos[t]) {
+            continue;
+        }
+        const uint32_t j = it - ps.pos.begin();
+        const auto & sp = kv_loc->get_cells(s).seq_pos_get(s);
+        const auto c = sp.lower_bound({ ub.pos[t], 0u });
+        GGML_ASSERT(c != sp.end() && c->first == ub.pos[t]);
+        const uint64_t strm = kv_loc->get_stream(s);
+        P.pin_src.push_back((int32_t) (strm*size + c->second));
+        P.pin_dst.push_back((int64_t) (strm*size + pin_col(r, s, j)));
+        ps.filled[j] = 1;
+    }
+    for (uint32_t js = 0; js < NS && cfg.n_pin > 0; ++js) {
+        const llama_seq_id s = ub.seq_id_unq[js];
+        const auto & ps = pins[s];
+        for (uint32_t j = 0; j < ps.pos.size(); ++j) {
+            if (ps.filled[j]) {
+                P.pinned[js].emplace_back(pin_col(r, s, j), ps.pos[j]);
+            }
         }
     }
 
@@ -1408,6 +1600,12 @@ static void razor_fill_mask_cols(T * data, int64_t n_kv, const llama_kv_cache_ra
         if (compensation) {
             row[P.scratch_col[t]] = llama_cast<T>(P.log_l[t]);
         }
+        // a pinned token is read from its pin row once its ring row is hidden
+        for (const auto & [col, pos] : P.pinned[ub->seq_idx[ub->seq_id[t][0]]]) {
+            if (pos <= ub->pos[t] - (llama_pos) n_window) {
+                row[col] = llama_cast<T>(0.0f);
+            }
+        }
     }
 }
 
@@ -1465,6 +1663,11 @@ void llm_graph_input_attn_kv_razor::set_input(const llama_ubatch * ubatch) {
         if (razor_is_set(ri.scratch_idx)) {
             memcpy(ri.scratch_idx->data, P.scratch.data(), P.scratch.size()*sizeof(int64_t));
         }
+        if (razor_is_set(ri.pin_src)) {
+            GGML_ASSERT((size_t) ri.pin_src->ne[0] == P.pin_src.size());
+            memcpy(ri.pin_src->data, P.pin_src.data(), P.pin_src.size()*sizeof(int32_t));
+            memcpy(ri.pin_dst->data, P.pin_dst.data(), P.pin_dst.size()*sizeof(int64_t));
+        }
     }
 
     const auto & P = mctx_razor->get_plan(0); // the ubatch's sequences: the same in every ring's plan
@@ -1515,7 +1718,9 @@ bool llm_graph_input_attn_kv_razor::can_reuse(const llm_graph_params & params) {
             res &= ri.fold_rows->ne[0] == (mctx_razor->get_razor()->get_ring(r).n_margin() + T)*NS;
             res &= ri.fold_pick->ne[0] == T + NS;
         }
+        res &= (ri.pin_src ? (size_t) ri.pin_src->ne[0] : 0u) == mctx_razor->get_plan(r).pin_src.size();
     }
+    res &= capture == mctx_razor->get_razor()->pin_capture();
     if (state_get) {
         res &= state_get->ne[0] == NS;
     }
@@ -1576,7 +1781,15 @@ static std::unique_ptr<llm_graph_input_attn_kv_razor> razor_new_attn_inp(const l
             ri.fold_scale  = razor_new_input(ctx0, GGML_TYPE_F32, 1, T + NS, "razor_inp_fold_scale");
             ri.scratch_idx = razor_new_input(ctx0, GGML_TYPE_I64, T, 0, "razor_inp_scratch");
         }
+        // the pin copies of this ubatch; a graph reserved for sizing (no plan) gets the most a ubatch can hold
+        const auto & P = rc->get_plan(r);
+        const int64_t n_pinned = P.n_tokens == 0 ? std::min<int64_t>(T, (int64_t) kv->get_config().n_pin*NS) : (int64_t) P.pin_src.size();
+        if (n_pinned > 0) {
+            ri.pin_src = razor_new_input(ctx0, GGML_TYPE_I32, n_pinned, 0, "razor_inp_pin_src");
+            ri.pin_dst = razor_new_input(ctx0, GGML_TYPE_I64, n_pinned, 0, "razor_inp_pin_dst");
+        }
     }
+    inp->capture = kv->pin_capture();
     if (kv->get_config().compensation) {
         inp->state_get = razor_new_input(ctx0, GGML_TYPE_I32, NS, 0, "razor_inp_state_get");
         inp->state_set = razor_new_input(ctx0, GGML_TYPE_I64, NS, 0, "razor_inp_state_set");
@@ -1664,6 +1877,7 @@ uint32_t llama_razor_n_graph_nodes(const llama_memory_i * mem) {
     uint32_t n = 0;
     for (uint32_t il = 0; il < kv->get_config().n_layer; ++il) {
         n += kv->n_local(il) > 0 ? 128 : 0; // ~80 tensors (views included) per split layer, with headroom
+        n += kv->n_local(il) > 0 && kv->get_config().n_pin > 0 ? 16 : 0; // pin copies, attention capture
     }
     return n;
 }
@@ -1795,6 +2009,16 @@ ggml_tensor * llama_razor_build_attn(
         ggml_tensor * k = razor_view_like(ctx0, k_st, cr->get_k(ctx0, il));
         ggml_tensor * v = razor_view_like(ctx0, v_st, cr->get_v(ctx0, il));
         out_r = g.build_attn_mha(q_r, k, v, nullptr, inp->self_kq_mask_cnv, nullptr, nullptr, 0, kq_scale, il);
+
+        // llama_razor_pin_capture: the softmax attention of this ubatch's queries over every cached key, summed
+        // over queries and retrieval heads (one sequence per capture, so one stream)
+        if (inp->capture && kv->get_pin_score(il) && k->ne[3] == 1) {
+            ggml_tensor * kq = ggml_mul_mat(ctx0, ggml_permute(ctx0, k, 0, 2, 1, 3), ggml_permute(ctx0, q_r, 0, 2, 1, 3)); // [n_kv, T, n_head_r]
+            kq = ggml_soft_max_ext(ctx0, kq, inp->self_kq_mask_cnv, kq_scale, 0.0f);
+            const int64_t n_kv = kq->ne[0];
+            ggml_tensor * sc = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, kq, n_kv, ggml_nelements(kq)/n_kv))));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, sc, n_kv), ggml_view_1d(ctx0, kv->get_pin_score(il), n_kv, 0)));
+        }
     }
 
     // 3. local heads: store the new tokens in the ring, and with the compensation row fold the tokens that
@@ -1807,6 +2031,13 @@ ggml_tensor * llama_razor_build_attn(
     ggml_tensor * v_st = cl->cpy_v(ctx0, v_l, ri.v_idxs, il);
     if (kv->get_config().compensation) {
         razor_build_fold(g, inp, ri, kv, il, T, k_st, v_st);
+    }
+    // pinned tokens of this ubatch: from their new ring cell into their pin row
+    if (ri.pin_src) {
+        for (ggml_tensor ** st : { &k_st, &v_st }) {
+            ggml_tensor * x2 = ggml_reshape_2d(ctx0, *st, (*st)->ne[0], ggml_nelements(*st)/(*st)->ne[0]);
+            *st = ggml_set_rows(ctx0, x2, ggml_get_rows(ctx0, x2, ri.pin_src), ri.pin_dst);
+        }
     }
     ggml_build_forward_expand(gf, k_st);
     ggml_build_forward_expand(gf, v_st);
@@ -1903,4 +2134,37 @@ int32_t llama_razor_ring_bytes(const struct llama_context * ctx, uint32_t * wind
 int32_t llama_razor_n_ubatch(const struct llama_context * ctx) {
     const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
     return rz ? (int32_t) rz->get_n_ubatch() : 0;
+}
+
+int32_t llama_razor_n_pin(const struct llama_context * ctx) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    return rz ? (int32_t) rz->get_config().n_pin : 0;
+}
+
+int32_t llama_razor_set_pins(struct llama_context * ctx, llama_seq_id seq_id, const llama_pos * pos, int32_t n) {
+    auto * rz = dynamic_cast<llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz || rz->get_config().n_pin == 0 || seq_id < 0 || (uint32_t) seq_id >= llama_n_seq_max(ctx) || n < 0) {
+        return -1;
+    }
+    if (!rz->set_pins(seq_id, std::vector<llama_pos>(pos, pos + n))) {
+        return -1;
+    }
+    return (int32_t) rz->get_pins(seq_id).pos.size();
+}
+
+int32_t llama_razor_pin_capture(struct llama_context * ctx, bool on) {
+    auto * rz = dynamic_cast<llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz || rz->get_config().n_pin == 0 || !rz->get_retr()) {
+        return -1;
+    }
+    rz->set_pin_capture(on);
+    return 0;
+}
+
+int32_t llama_razor_pin_scores(struct llama_context * ctx, llama_seq_id seq_id, float * out, int32_t n) {
+    const auto * rz = dynamic_cast<const llama_kv_cache_razor *>(llama_get_memory(ctx));
+    if (!rz || seq_id < 0 || (uint32_t) seq_id >= llama_n_seq_max(ctx) || n < 0 || !rz->pin_scores(seq_id, out, n)) {
+        return -1;
+    }
+    return n;
 }

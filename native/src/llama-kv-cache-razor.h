@@ -17,6 +17,14 @@
 // embed-heads): the local heads of layer il keep window(il) recent positions, one ring per distinct window. Eviction
 // then depends on positions and the ring: the fold state and plan are per ring.
 //
+// Pinned tokens (razor.n_pin, off by default; needs the compensation row off): each sequence may pin up to n_pin
+// positions (llama_razor_set_pins) that every local head then keeps beside its sinks and window, in n_pin rows of
+// each ring set aside per sequence (beside the scratch rows, never handed out by the ring). A pinned token is
+// copied into its pin row when it is decoded; a query at p of a local head sees it from p - window on, when its
+// ring row is hidden, so it is never counted twice. Which tokens to pin: a read of the prompt can record what the
+// retrieval heads (which see every token) attend to from the prompt's last tokens (llama_razor_pin_capture /
+// llama_razor_pin_scores); the prompt is then read again with the chosen positions pinned.
+//
 // Interleaved sliding-window models (Gemma 2/3 and the other models llama.cpp serves with llama_kv_cache_iswa):
 // only the global (full-attention) layers are split; the sliding-window layers keep llama.cpp's own SWA cache
 // (kv_swa), unchanged.
@@ -40,6 +48,9 @@ struct llama_razor_config {
     // razor.compensation: the log(l)-weighted mean row of the evicted tokens (SPEC); off = sinks + window only,
     // with neither the sums, nor the scratch rows, nor the fold in the graph
     bool compensation = true;
+
+    // razor.n_pin: rows per sequence and ring for pinned tokens (0 = none)
+    uint32_t n_pin = 0;
 
     std::vector<int32_t> head_map; // [n_layer*n_head_kv], layer-major, 1 = retrieval (0 in sliding-window layers)
 
@@ -153,12 +164,20 @@ public:
     struct ring_group {
         llama_razor_ring geom;
         uint32_t n_scratch = 0;         // compensation rows per stream (one per query of a ubatch)
+        uint32_t n_pin_rows = 0;        // pin rows per stream: n_pin per sequence of the stream, before the scratch rows
         llama_hparams hparams;          // n_head_kv_arr = the local heads of this ring's layers, 0 elsewhere
         std::unique_ptr<llama_kv_cache> kv;
         std::vector<seq_state> seqs;    // [n_seq_max]
 
         uint32_t n_window() const { return geom.n_window; }
         uint32_t n_margin() const { return geom.n_margin; }
+        uint32_t pin_base() const { return geom.size - n_scratch - n_pin_rows; }
+    };
+
+    // the pinned positions of a sequence (ascending) and whether each one's rows hold its token
+    struct pin_state {
+        std::vector<llama_pos> pos;
+        std::vector<uint8_t>   filled;
     };
 
     // kv_swa: the stock cache of an iSWA model's sliding-window layers (nullptr for other models)
@@ -224,6 +243,22 @@ std::unique_ptr<llama_kv_cache> kv_swa);
 
     ggml_tensor * get_comp(int32_t il) const { return comp[il]; }
 
+    // pinned tokens: false when there are more than n_pin positions (positions below n_sink are sinks already
+    // and dropped). The rows fill as the pinned positions are decoded
+    bool set_pins(llama_seq_id seq_id, std::vector<llama_pos> pos);
+    const pin_state & get_pins(llama_seq_id seq_id) const { return pins[seq_id]; }
+    // the ring row (within its stream) of pin j of seq_id
+    uint32_t pin_col(uint32_t r, llama_seq_id seq_id, uint32_t j) const;
+
+    // the retrieval heads' attention of the next graphs' queries, per key, kept for llama_razor_pin_scores
+    // (split layers with retrieval heads; nullptr elsewhere)
+    ggml_tensor * get_pin_score(int32_t il) const { return pin_score.empty() ? nullptr : pin_score[il]; }
+    bool pin_capture() const { return capture; }
+    void set_pin_capture(bool on);
+    // out[pos] (pos < n): that attention summed over the layers, for each position of seq_id in the retrieval
+    // cache; false without a retrieval cache
+    bool pin_scores(llama_seq_id seq_id, float * out, int32_t n) const;
+
     uint32_t get_n_ubatch() const { return n_ubatch; }
 
     // bytes: retrieval cache, local rings, compensation state, a stock cache of the same context, and the stock
@@ -249,6 +284,11 @@ std::unique_ptr<llama_kv_cache> kv_swa);
         std::vector<int64_t> scratch;    // [n_tokens] kv_loc row receiving each query's compensation row
         std::vector<float>   log_l;      // [n_tokens] mask value of the compensation row (-inf when l == 0)
         std::vector<uint32_t> scratch_col; // [n_tokens] column of the compensation row in the query's mask row
+
+        std::vector<int32_t> pin_src;    // kv_loc rows (stream*size + cell) of this ubatch's pinned tokens
+        std::vector<int64_t> pin_dst;    // the pin rows they are copied into
+        std::vector<std::vector<std::pair<uint32_t, llama_pos>>> pinned; // per sequence: (mask column, pos) of the
+                                         //   filled pins, shown to the queries they have left the window of
     };
 
     // places the plan of ubatch in ring r into plan and advances that ring's fold state
@@ -277,6 +317,16 @@ private:
     // compensation state: per layer with local heads, F32 [n_embd_k_loc + n_embd_v_loc, n_seq_max] sums
     std::vector<ggml_tensor *> comp;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> comp_bufs;
+
+    std::vector<pin_state> pins;           // [n_seq_max]
+    std::vector<ggml_tensor *> pin_score;  // per layer, F32 [retrieval cache size] (with n_pin only)
+    bool capture = false;
+
+    // drops the pins of seq_id (-1: every sequence) whose positions are in [p0, p1), or all of them
+    void unpin(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void drop_pins(llama_seq_id seq_id, const char * caller, const char * what);
+    // fn(tensor, offset, bytes) for the K and V pin rows of seq_id in every ring layer
+    void for_each_pin_block(llama_seq_id s, const std::function<void(ggml_tensor *, size_t, size_t)> & fn) const;
 
     int64_t bytes_full_equiv = 0;
 
@@ -380,6 +430,9 @@ public:
         ggml_tensor * fold_pick   = nullptr; // I32 [n_tokens + n_seqs]
         ggml_tensor * fold_scale  = nullptr; // F32 [1, n_tokens + n_seqs]
         ggml_tensor * scratch_idx = nullptr; // I64 [n_tokens]
+
+        ggml_tensor * pin_src     = nullptr; // I32 [n_pinned]: only in graphs of ubatches holding pinned tokens
+        ggml_tensor * pin_dst     = nullptr; // I64 [n_pinned]
     };
     std::vector<ring_inp> rings;
 
@@ -387,6 +440,8 @@ public:
     ggml_tensor * state_set   = nullptr; // I64 [n_seqs]
 
     std::vector<ggml_tensor *> perm;     // per layer, I32 [n_head_kv, n_tokens], only for layers with both head kinds
+
+    bool capture = false;                // the graph records the retrieval heads' attention (llama_razor_pin_capture)
     std::vector<ggml_tensor *> inv_perm;
 };
 

@@ -8,7 +8,7 @@ n_swa and no compensation row: exactly llama.cpp's LLAMA_SWA_TYPE_STANDARD mask.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -75,13 +75,16 @@ def forward(
     positions: npt.ArrayLike | None = None,
     reference: bool = False,
     compensation: bool = True,
+    pins: Sequence[int] = (),
+    probe: Callable[[int, Array, Array], None] | None = None,
 ) -> Array:
     """Logits [T, n_vocab] for `tokens` (one sequence, positions 0..T-1 by default).
 
     head_map: [n_layer, n_head_kv] (1 = retrieval); None means all retrieval (stock attention),
     in which case n_sink/window/slack do not matter. window: one for every layer, or one per layer (the
     razor cache's per-layer windows, razor.layer_window_scale). reference=True runs in float64. compensation=False:
-    local heads see sinks + window only (razor.compensation = false).
+    local heads see sinks + window only (razor.compensation = false). pins: positions every local head also keeps.
+    probe(layer, q, k): called with each layer's RoPE'd Q [T, n_head, d] and K [T, n_head_kv, d].
     Compare llama.cpp with an f32 KV cache and flash attention off for a tight match: f16 KV
     (the default) and flash attention (which casts K/V to f16 even from an f32 cache) add f16
     rounding that 4 random layers amplify to ~1e-2; rounding K/V/Q here does not reproduce it.
@@ -98,6 +101,8 @@ def forward(
     w = {n: a.astype(dt) for n, a in weights.items()}
 
     if cfg.arch == "gemma3":
+        if len(pins):
+            raise ValueError("pins: not modelled for gemma3 here")
         return _forward_gemma3(w, cfg, tok, pos, hm, n_sink, window, slack, reference, compensation, eps, dt)
 
     x = w["token_embd.weight"][tok]  # [T, n_embd]
@@ -105,8 +110,10 @@ def forward(
         p = f"blk.{i}."
         q, k, v = _qkv(rms_norm(x, w[p + "attn_norm.weight"], eps), w, p, cfg)
         q, k = rope_norm(q, pos, cfg.rope_base), rope_norm(k, pos, cfg.rope_base)
+        if probe:
+            probe(i, q, k)
         att = razor_attention(q, k, v, hm[i], n_sink, window[i], positions=pos, slack=slack, reference=reference,
-                              compensation=compensation)
+                              compensation=compensation, pins=pins)
         x = x + att.reshape(t, -1).astype(dt) @ w[p + "attn_output.weight"].T
         h = rms_norm(x, w[p + "ffn_norm.weight"], eps)
         g = h @ w[p + "ffn_gate.weight"].T
