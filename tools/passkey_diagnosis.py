@@ -26,6 +26,11 @@ NIAH prompts of tools/evidence.py (4 needles, the question naming one), the answ
   snap_2pass        snap_razor as such a cache would do it: a first read under razor (sinks and the recent window)
                     keeps the question's queries and their softmax normalizers; the second read scores every key
                     with them, so the selection no longer uses anything the cache could not have.
+  shared_2pass      one selection for every local head: a first read under razor (sinks and the last
+                    ring-window - keep positions) sums the attention the retrieval heads' last 32 prompt queries
+                    (the question) give each prompt token over those heads and layers (they see every token);
+                    the --keep tokens it picks (max-pooled over 7 positions) are kept by every local head in the
+                    second read. A cache keeps them like sinks at known positions: no per-head rows to score.
 razor against razor_ring is what the rings' slack costs; if razor_ring+needle is as good as the full cache, what
 razor loses is the needle in the local heads (the retrieval heads alone do not carry it to the answer); if not,
 the evicted filler and context cost the answer. Each prompt records whether the key came out whole and the
@@ -49,7 +54,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 SINKS = 4
 POLICIES = ("full", "razor", "razor_ring", "razor_ring+needle")
-ALL_POLICIES = POLICIES + ("streaming+needle", "snap", "snap_razor", "snap_2pass")
+ALL_POLICIES = POLICIES + ("streaming+needle", "snap", "snap_razor", "snap_2pass", "shared_2pass")
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,9 @@ def needle_span(tokenize, t: Trial) -> range:
     return range(max(0, lo - 1), hi + 1)
 
 
-def keep_attention(head_map: np.ndarray, window: int, keep: range, chunk: int = 512):
-    """ReferenceModel.forward's attention=: local KV heads (head_map 0) see sinks, the window and `keep`;
-    retrieval heads see everything; causal softmax, no compensation row."""
+def keep_attention(head_map: np.ndarray, window: int, keep, chunk: int = 512):
+    """ReferenceModel.forward's attention=: local KV heads (head_map 0) see sinks, the window and the positions in
+    `keep` (the same for every local head); retrieval heads see everything; causal softmax, no compensation row."""
     import torch
 
     def attention(il, q, k, v):
@@ -97,7 +102,8 @@ def keep_attention(head_map: np.ndarray, window: int, keep: range, chunk: int = 
         qg = q.reshape(n_kv, H // n_kv, T, d)
         local = torch.as_tensor(np.asarray(head_map[il]) == 0)
         pos = torch.arange(T)
-        kept_pos = (pos < SINKS) | ((pos >= keep.start) & (pos < keep.stop))
+        kept_pos = pos < SINKS
+        kept_pos[[x for x in keep if x < T]] = True
         out = torch.empty(n_kv, H // n_kv, T, v.shape[2], dtype=q.dtype)
         for s0 in range(0, T, chunk):
             e = min(T, s0 + chunk)
@@ -133,6 +139,41 @@ def first_read_attention(head_map: np.ndarray, window: int, n_prompt: int, store
         return razor(il, q, k, v)
 
     return attention
+
+
+def retrieval_read_attention(head_map: np.ndarray, window: int, n_prompt: int, store: dict, obs: int = 32):
+    """ReferenceModel.forward's attention= for the first of shared_2pass's two reads: razor's policy at `window`
+    (keep_attention, nothing kept), adding to store["score"] the softmax attention the last `obs` prompt queries of
+    the retrieval heads (which see every token) give each prompt key, summed over queries, heads and layers."""
+    import torch
+
+    razor = keep_attention(head_map, window, range(0))
+
+    def attention(il, q, k, v):
+        H, T, d = q.shape
+        n_kv = k.shape[0]
+        retr = torch.as_tensor(np.asarray(head_map[il]) == 1)
+        if bool(retr.any()):
+            o0 = n_prompt - obs
+            q_obs = q.reshape(n_kv, H // n_kv, T, d)[retr][:, :, o0:n_prompt]
+            sc = torch.matmul(q_obs, k[retr][:, None, :n_prompt].transpose(-1, -2)) / math.sqrt(d)
+            sc = sc.masked_fill(torch.arange(n_prompt)[None, :] > torch.arange(o0, n_prompt)[:, None], float("-inf"))
+            store["score"] = store.get("score", 0) + torch.softmax(sc, -1).sum(dim=(0, 1, 2))
+        return razor(il, q, k, v)
+
+    return attention
+
+
+def shared_selection(score, n_keep: int, n_prompt: int, recent: int, pool: int = 7) -> list[int]:
+    """The n_keep prompt positions with the highest max-pooled score outside the sinks and the last `recent`
+    positions (what every local head keeps in shared_2pass's second read), ascending."""
+    import torch
+
+    pooled = torch.nn.functional.max_pool1d(torch.as_tensor(score)[None, None], pool, 1, pool // 2)[0, 0]
+    lo, hi = SINKS, n_prompt - recent
+    if hi <= lo:
+        return []
+    return sorted((torch.topk(pooled[lo:hi], min(n_keep, hi - lo)).indices + lo).tolist())
 
 
 def snap_attention(head_map: np.ndarray, window: int, n_keep: int, n_prompt: int, read: str = "full",
@@ -249,7 +290,13 @@ def main(argv=None) -> int:
         for name in policies:
             t0 = time.perf_counter()
             stats: dict = {}
-            if name in ("snap", "snap_razor", "snap_2pass"):
+            if name == "shared_2pass":
+                first, recent = {}, windows["razor_ring"] - a.keep
+                model.forward(prompt, attention=retrieval_read_attention(stored, recent, len(prompt), first))
+                keep = shared_selection(first["score"], a.keep, len(prompt), recent)
+                attention = keep_attention(stored, recent, keep)
+                stats["hit"] = [(int(any(x in keep for x in keys)), 1)]
+            elif name in ("snap", "snap_razor", "snap_2pass"):
                 first = None
                 if name == "snap_2pass":
                     first = {}

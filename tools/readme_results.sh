@@ -49,6 +49,14 @@ if [[ $what == all || $what == eval ]]; then
     --json "$OUT/passkey-snap16-smollm2.json"
   .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --task mniah --policies full,razor_ring,snap_razor --keep 64 \
     --json "$OUT/mniah-snap-smollm2.json"
+  # one selection for every local head, by the retrieval heads' attention (what razor.n_pin builds; about 35 minutes)
+  .venv/bin/python tools/passkey_diagnosis.py "$SMOL_R" --policies shared_2pass --keep 64 \
+    --json "$OUT/passkey-shared-smollm2.json"
+  # the same in llama.cpp: razor with 64 pinned tokens against razor, same budget (about 40 minutes)
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 4096 \
+    --method razor_pins
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 4096 \
+    --task mniah --method razor
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
