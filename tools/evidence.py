@@ -274,8 +274,7 @@ def run_kld_group(store, length, budget, methods, args) -> float:
         llm, st = open_model(args.model, method, budget, n_ctx, args, n_ubatch=ub, logits_all=True)
         try:
             toks = kld_tokens(llm, length)  # the held-out prose, as `razor-gguf eval --task kld` reads it
-            for i in range(0, length, ub):
-                llm.eval(toks[i:i + ub])
+            llm.eval(toks)  # one prompt (in decodes of n_batch = ub tokens): razor_pins chooses its pins over all of it
             return np.array(llm.scores[:length - 1], dtype=np.float32), st
         finally:
             llm.close()
