@@ -57,6 +57,9 @@ if [[ $what == all || $what == eval ]]; then
     --method razor_pins
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 4096 \
     --task mniah --method razor
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins-kld
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 2048 \
+    --task passkey --method full --method razor_pins
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
