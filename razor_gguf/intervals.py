@@ -24,6 +24,16 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def sign_test(b: int, c: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of b against c discordant pairs: the chance, under no
+    difference, of a split at least as uneven as b:c."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def block_means(values: np.ndarray, block: int) -> np.ndarray:
     """Means of consecutive blocks of `block` values (the last may be shorter)."""
     v = np.asarray(values, dtype=np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from razor_gguf import niah
-from razor_gguf.intervals import block_means, bootstrap_ratio, wilson
+from razor_gguf.intervals import block_means, bootstrap_ratio, sign_test, wilson
 
 TOOL = pathlib.Path(__file__).parents[1] / "tools" / "evidence.py"
 
@@ -28,6 +28,14 @@ def test_wilson_known_values():
     assert wilson(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson(3, 2)
+
+
+def test_sign_test_known_values():
+    # 7 vs 0 discordant: 2 / 2**7; 5 vs 0: 2 / 2**5; an even split is no evidence
+    assert sign_test(7, 0) == pytest.approx(0.015625)
+    assert sign_test(0, 5) == pytest.approx(0.0625)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(1, 2) == 1.0  # 2 * (1 + 3) / 8
 
 
 def test_block_bootstrap():
@@ -131,6 +139,8 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
     r = _run("report", str(out), "--plot", str(tmp_path / "frontier.png"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| 512 | 0.6 | razor |" in r.stdout and "mean KLD" in r.stdout
+    # streaming against razor, paired on the prompts both ran
+    assert "- passkey 512, budget 0.6: streaming" in r.stdout and "discordant (sign test p = " in r.stdout
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 

@@ -15,7 +15,8 @@ Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the lar
   razor        the model's measured defaults (its head map, its razor.compensation);
   razor_paper  the paper's defaults: the same head map with the compensation row;
   streaming    StreamingLLM: every head local (sinks + window), no compensation row;
-  razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`);
+  razor_rX     razor with the top X of heads by the stored scores as retrieval heads (plan `ratios`); any
+               method but full takes the suffix (razor_pins_r0.05);
   razor_uniform  razor with one window for every layer (razor.layer_windows = false): against `razor` on a model
                whose embed-heads stored per-layer windows, the allocation's own effect (plan `layer-windows`);
   razor_pins   razor (no compensation row) with 64 pinned tokens per local head, chosen by a first read of each
@@ -41,7 +42,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from razor_gguf.evaluation import MAX_NEW_TOKENS, ctx_for, kld_tokens  # noqa: E402
-from razor_gguf.intervals import block_means, bootstrap_ratio, wilson  # noqa: E402
+from razor_gguf.intervals import block_means, bootstrap_ratio, sign_test, wilson  # noqa: E402
 
 TASKS = ("passkey", "mniah")
 METHODS = {
@@ -65,6 +66,12 @@ PLANS = {
                          methods=("razor", "razor_paper", "streaming"), n=1),
     # more retrieval heads at the same memory (re-selected from the stored scores): what ratio to recommend
     "ratios": dict(tasks=TASKS, lengths=(4096,), budgets=(0.35, 0.5), methods=("razor_r0.25", "razor_r0.35"), n=10),
+    # fewer retrieval heads at the same memory: longer windows for the local heads (prose) against the ratio's
+    # retrieval; streaming is ratio 0
+    "fewer-heads": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,),
+                        methods=("razor", "streaming", "razor_r0.05", "razor_r0.1"), n=1),
+    "fewer-heads-pins": dict(tasks=TASKS, lengths=(4096, 8192), budgets=(0.35,),
+                             methods=("razor_r0.05", "razor_pins_r0.05", "razor_pins_r0.1"), n=20),
     # per-layer windows (razor.layer_window_scale) against one uniform window at the same budget
     "layer-windows": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_uniform"),
                           n=1),
@@ -75,6 +82,7 @@ PLANS = {
     "pins-kld": dict(tasks=("kld",), lengths=(4096,), budgets=(0.35,), methods=("razor", "razor_pins"), n=1),
 }
 N_NEEDLES = 4
+TARGET_PROMPTS = 20  # a retrieval cell carries a target with at least this many prompts (the frontier's 10 do not)
 N_UBATCH = 256
 KLD_BLOCK = 256
 
@@ -169,9 +177,10 @@ def machine_summary() -> dict:
 
 
 def method_options(method: str) -> dict:
-    """razor_gguf.Llama options of a method: METHODS, or razor_rX = razor with retrieval ratio X."""
-    if method.startswith("razor_r"):
-        return {"razor": True, "retrieval_ratio": float(method[len("razor_r"):])}
+    """razor_gguf.Llama options of a method: METHODS, or METHOD_rX = that method with retrieval ratio X."""
+    base, sep, ratio = method.rpartition("_r")
+    if sep and base in METHODS and base != "full":
+        return {**METHODS[base], "retrieval_ratio": float(ratio)}
     return dict(METHODS[method])
 
 
@@ -371,8 +380,7 @@ def report(store: dict) -> str:
             if full:
                 lines.append(f"| {length} | - | full | 1.000 | - | {_acc(full)} |")
             for b in budgets:
-                ms = ["razor", "razor_uniform", "razor_paper", "streaming"] + sorted(
-                    {c["method"] for c in cells.values() if c["method"].startswith("razor_r")})
+                ms = _method_order({c["method"] for c in cells.values() if c["method"] != "full"})
                 for m in ms:
                     c = cells.get(cell_key(task, length, m, b))
                     if c is None:
@@ -396,8 +404,38 @@ def report(store: dict) -> str:
                          + (f"{past:.4f} |" if past is not None else "- |"))
         lines.append("")
     lines += paired_layer_windows(store)
+    lines += paired_accuracy(store)
     lines += targets(store)
     return "\n".join(lines)
+
+
+def _method_order(methods: set[str]) -> list[str]:
+    """The plans' methods in METHODS order, then the re-selected ratios (razor_r*)."""
+    return [m for m in METHODS if m in methods] + sorted(m for m in methods if m not in METHODS)
+
+
+def paired_accuracy(store: dict) -> list[str]:
+    """Each method against razor on the same prompts (a method with pins against the same without them): the
+    discordant pairs (prompts one answers and the other does not) and the two-sided exact sign test, the
+    comparison an accuracy difference of a few prompts needs."""
+    cells = store["cells"]
+    out = []
+    for c in sorted(cells.values(), key=lambda c: (c["task"], c["length"], c["budget"] or 0, c["method"])):
+        base = c["method"].replace("razor_pins", "razor", 1) if c["method"].startswith("razor_pins") else "razor"
+        if c["task"] == "kld" or c["method"] in ("full", base) or not c.get("supported"):
+            continue
+        r = cells.get(cell_key(c["task"], c["length"], base, c["budget"]))
+        if not (r and r.get("supported")):
+            continue
+        mine, theirs = ({p["i"]: p["correct"] for p in x["prompts"]} for x in (c, r))
+        both = sorted(mine.keys() & theirs.keys())
+        b = sum(mine[i] and not theirs[i] for i in both)
+        d = sum(theirs[i] and not mine[i] for i in both)
+        out.append(f"- {c['task']} {c['length']}, budget {c['budget']:g}: {c['method']} "
+                   f"{sum(mine[i] for i in both)}/{len(both)} vs {base} {sum(theirs[i] for i in both)}/{len(both)}; "
+                   f"{b} vs {d} discordant (sign test p = {sign_test(b, d):.3g})")
+    return ["**each method against razor (with pins: against the same without) on the same prompts**", "", *out,
+            ""] if out else []
 
 
 def paired_layer_windows(store: dict) -> list[str]:
@@ -426,25 +464,40 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
     out = [f"**targets at budget {budget:g}**", ""]
     for length in (4096, 8192):
         for task in TASKS:
-            f, r, s = (cells.get(cell_key(task, length, m, None if m == "full" else budget))
-                       for m in ("full", "razor", "streaming"))
-            if not (f and r and s and r.get("supported") and s.get("supported")):
+            f, s = (cells.get(cell_key(task, length, m, None if m == "full" else budget)) for m in ("full", "streaming"))
+            for method in _razor_methods(cells, task, length, budget):
+                r = cells.get(cell_key(task, length, method, budget))
+                if not (f and r and r.get("supported")) or r["n"] < TARGET_PROMPTS:
+                    continue
+                d_full = 100 * (r["accuracy"] - f["accuracy"])
+                line = (f"- {task} {length}: {method} {r['accuracy']:.0%} vs full {f['accuracy']:.0%} ({d_full:+.0f} "
+                        f"points; target >= -5: {'met' if d_full >= -5 else 'MISSED'}); ")
+                if s and s.get("supported"):
+                    d_str = 100 * (r["accuracy"] - s["accuracy"])
+                    line += (f"streaming {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target >= 30: "
+                             f"{'met' if d_str >= 30 else 'MISSED'}); ")
+                else:
+                    line += "streaming not measured here; "
+                out.append(line + f"{method} KV {r['kv_fraction']:.3f} of full")
+        s = cells.get(cell_key("kld", length, "streaming", budget))
+        for method in _razor_methods(cells, "kld", length, budget) if length == 8192 and s and s.get("supported") else ():
+            r = cells[cell_key("kld", length, method, budget)]
+            if not r.get("supported"):
                 continue
-            d_full = 100 * (r["accuracy"] - f["accuracy"])
-            d_str = 100 * (r["accuracy"] - s["accuracy"])
-            out.append(f"- {task} {length}: razor {r['accuracy']:.0%} vs full {f['accuracy']:.0%} ({d_full:+.0f} points; "
-                       f"target >= -5: {'met' if d_full >= -5 else 'MISSED'}); streaming {s['accuracy']:.0%} "
-                       f"({d_str:+.0f} points below razor; target >= 30: {'met' if d_str >= 30 else 'MISSED'}); "
-                       f"razor KV {r['kv_fraction']:.3f} of full")
-        r, s = cells.get(cell_key("kld", length, "razor", budget)), cells.get(cell_key("kld", length, "streaming", budget))
-        if length == 8192 and r and s and r.get("supported") and s.get("supported"):
             lo, hi = bootstrap_ratio(np.array(r["block_kld"]), np.array(s["block_kld"]),
                                      weights=np.array(r["block_weights"]))
             ratio = r["kld_mean"] / s["kld_mean"]
-            out.append(f"- kld 8192: razor top-1 {r['top1']:.1%} (target >= 96%: {'met' if r['top1'] >= 0.96 else 'MISSED'}); "
-                       f"KLD {ratio:.2f}x streaming's [95% {lo:.2f}, {hi:.2f}] (target <= 1.2x: "
-                       f"{'met' if ratio <= 1.2 else 'MISSED'})")
-    return out + [""]
+            out.append(f"- kld 8192: {method} top-1 {r['top1']:.1%} (target >= 96%: "
+                       f"{'met' if r['top1'] >= 0.96 else 'MISSED'}); KLD {ratio:.2f}x streaming's [95% {lo:.2f}, "
+                       f"{hi:.2f}] (target <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'}); KV {r['kv_fraction']:.3f}")
+    return out + [""] if len(out) > 2 else []
+
+
+def _razor_methods(cells: dict, task: str, length: int, budget: float) -> list[str]:
+    """The methods with a cell at (task, length, budget) other than the references (full, streaming), razor
+    first: the default is what the targets are for; the others (pins, other ratios) are reported beside it."""
+    return _method_order({c["method"] for c in cells.values() if c["task"] == task and c["length"] == length
+                          and c["budget"] == budget and c["method"] not in ("full", "streaming")})
 
 
 def plot(store: dict, path: str) -> None:

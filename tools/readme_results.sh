@@ -60,6 +60,13 @@ if [[ $what == all || $what == eval ]]; then
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins-kld
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 2048 \
     --task passkey --method full --method razor_pins
+  # passkey at 8192 tokens with pins (about 70 minutes)
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-cpu.json" --plan pins --ctx 8192 \
+    --task passkey --method razor_pins
+  # fewer retrieval heads at the same memory: prose (about 20 minutes), then passkey with and without pins
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" --plan fewer-heads
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
+    --plan fewer-heads-pins --ctx 4096 --task passkey --method razor_pins_r0.05 --method razor_r0.05
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi

@@ -1280,6 +1280,11 @@ void llama_kv_cache_razor::state_read(llama_io_read_i & io, llama_seq_id seq_id,
 }
 
 void llama_kv_cache_razor::for_each_pin_block(llama_seq_id s, const std::function<void(ggml_tensor *, size_t, size_t)> & fn) const {
+    // metadata only: one view of each ring layer's V (llama_kv_cache exposes only K's storage)
+    ggml_init_params params = { (size_t) 2*cfg.n_layer*ggml_tensor_overhead(), nullptr, true };
+    ggml_context_ptr ctx(ggml_init(params));
+    llama_kv_cache::slot_info sinfo;
+    sinfo.s0 = sinfo.s1 = 0;
     for (uint32_t r = 0; r < rings.size(); ++r) {
         const auto & rg = *rings[r];
         const uint64_t row0 = (uint64_t) rg.kv->get_stream(s)*rg.geom.size + pin_col(r, s, 0);
@@ -1287,11 +1292,7 @@ void llama_kv_cache_razor::for_each_pin_block(llama_seq_id s, const std::functio
             if (ring_idx[il] != (int32_t) r) {
                 continue;
             }
-            // the layer's V storage: the source of any view of it (llama_kv_cache exposes only K's)
-            ggml_init_params params = { 2*ggml_tensor_overhead(), nullptr, true };
-            ggml_context_ptr ctx(ggml_init(params));
-            llama_kv_cache::slot_info sinfo;
-            sinfo.s0 = sinfo.s1 = 0;
+            // the layer's V storage: the source of any view of it
             ggml_tensor * v = rg.kv->get_v(ctx.get(), il, rg.geom.size, sinfo)->view_src;
             for (ggml_tensor * t : { rg.kv->get_k_storage(il), v }) {
                 fn(t, row0*t->nb[1], (size_t) cfg.n_pin*t->nb[1]);
