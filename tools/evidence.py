@@ -465,9 +465,11 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
     for length in (4096, 8192):
         for task in TASKS:
             f, s = (cells.get(cell_key(task, length, m, None if m == "full" else budget)) for m in ("full", "streaming"))
+            if not f:
+                continue
             for method in _razor_methods(cells, task, length, budget):
-                r = cells.get(cell_key(task, length, method, budget))
-                if not (f and r and r.get("supported")) or r["n"] < TARGET_PROMPTS:
+                r = cells[cell_key(task, length, method, budget)]
+                if not r.get("supported") or r["n"] < TARGET_PROMPTS:
                     continue
                 d_full = 100 * (r["accuracy"] - f["accuracy"])
                 line = (f"- {task} {length}: {method} {r['accuracy']:.0%} vs full {f['accuracy']:.0%} ({d_full:+.0f} "
@@ -480,7 +482,9 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
                     line += "streaming not measured here; "
                 out.append(line + f"{method} KV {r['kv_fraction']:.3f} of full")
         s = cells.get(cell_key("kld", length, "streaming", budget))
-        for method in _razor_methods(cells, "kld", length, budget) if length == 8192 and s and s.get("supported") else ():
+        if length != 8192 or not (s and s.get("supported")):
+            continue
+        for method in _razor_methods(cells, "kld", length, budget):
             r = cells[cell_key("kld", length, method, budget)]
             if not r.get("supported"):
                 continue
