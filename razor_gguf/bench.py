@@ -92,6 +92,7 @@ def run_one(spec: dict) -> dict:
         "n_sink": sink_window[0] if sink_window else None,
         "window": sink_window[1] if sink_window else None,
         "retrieval_heads": sum(hm) if hm else None,
+        "pins": _native.n_pin(llm._ctx.ctx),
         "loadavg_1m": round(os.getloadavg()[0], 2),  # contention from other processes skews the speeds
     }
     if not spec["kv_only"]:
@@ -99,8 +100,9 @@ def run_one(spec: dict) -> dict:
         n_prompt = n_ctx - n_decode - 1
         toks = _prompt_tokens(n_prompt + n_decode, llm.n_vocab())
         t0 = time.perf_counter()
-        llm.eval(toks[:n_prompt])  # one call: llama-cpp-python splits it into n_batch chunks
+        llm.eval(toks[:n_prompt])  # one call: llama-cpp-python splits it into n_batch chunks (with pins: twice)
         prefill_s = time.perf_counter() - t0
+        run["pinned"] = len(llm.pinned)
         # Decode at a context of ~n_ctx tokens: one token per eval, the fixed ids standing in for
         # sampled ones, so only the forward passes are timed (no sampling, no detokenizing).
         decode_s = 0.0
@@ -250,6 +252,7 @@ def bench(
     retrieval_ratio: float | None = None,
     kv_budget: float | str | None = None,
     layer_windows: bool | None = None,
+    pins: int | None = None,
     swa_full: bool = False,
     rpc: str | list[str] | None = None,
 ) -> dict:
@@ -260,9 +263,11 @@ def bench(
     swa_full: sliding-window models keep a full-size SWA cache (llama-cpp-python's default) instead of
     window + ubatch cells (llama.cpp's own tools' default, used here for every mode alike).
     rpc: llama.cpp RPC workers ("HOST:PORT,..."): every mode runs here and, as MODE@rpc, with every layer on them.
+    pins: tokens of the prompt every local head keeps (razor.n_pin, with the compensation row off, as pins need):
+    the razor modes then read the prompt twice, as razor_gguf.Llama does, and the prefill speed counts both reads.
     """
     razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget,
-             "layer_windows": layer_windows}
+             "layer_windows": layer_windows, "pins": pins, "compensation": False if pins else None}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     if rpc:
         from . import _native
@@ -338,7 +343,8 @@ def cmd_bench(args) -> int:
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
-                    kv_budget=args.kv_budget, layer_windows=args.layer_windows, swa_full=args.swa_full, rpc=args.rpc)
+                    kv_budget=args.kv_budget, layer_windows=args.layer_windows, pins=args.pins, swa_full=args.swa_full,
+                    rpc=args.rpc)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -365,6 +371,9 @@ def add_subcommand(sub) -> None:
     b.add_argument("--no-layer-windows", dest="layer_windows", action="store_false", default=None,
                    help="one window for every layer, ignoring the per-layer windows embed-heads stored")
     add_kv_budget_argument(b)
+    b.add_argument("--pins", type=int, metavar="N",
+                   help="tokens of the prompt every local head keeps, chosen by reading it twice (razor.n_pin; turns "
+                        "the compensation row off); the prefill speed counts both reads")
     b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     b.add_argument("--n-ubatch", type=int, default=512,
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")

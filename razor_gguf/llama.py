@@ -133,7 +133,9 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     (what the budget bought: the window in effect; with per-layer windows the base they scale), layer_windows
     (each layer's window, 0 for layers without local heads), rings ([(window, bytes)] of the local rings), n_ubatch (tokens per ubatch the razor cache runs),
     compensation (the compensation row in effect: the option, else the model's measured default),
-    retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs)."""
+    retrieval_heads, kv_heads (None for n_sink..kv_heads when the full cache runs), pins (pinned tokens a
+    prompt may hold, razor.n_pin; 0 without), pinned (the positions pinned for the prompt in
+    the cache)."""
     kb = _native.kv_bytes(llm._ctx.ctx)
     sw = _native.window(llm._ctx.ctx)
     # the row's setting: razor_gguf.Llama's options or kv_overrides, else the model's measured default, else on
@@ -160,10 +162,73 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
         "compensation": bool(comp) if kb.razor else None,
         "retrieval_heads": sum(hm) if hm else None,
         "kv_heads": len(hm) if hm else None,
+        "pins": _native.n_pin(llm._ctx.ctx),
+        "pinned": list(getattr(llm, "_pins", ())),
     }
 
 
-class Llama(_llama_cpp.Llama):
+class PinChoice:
+    """Pin choice for a llama_cpp.Llama whose context pins tokens (razor.n_pin): a prompt evaluated from an
+    empty cache, or over a cached prefix that ends before one of the last prompt's pins, is read once to choose
+    its pins (razor_gguf.pins), then again with them; a continuation keeps them. razor_gguf.Llama has it;
+    `razor-gguf serve` gives it to llama-cpp-python's server model (serve_with_pins)."""
+
+    _pins: Sequence[int] = ()  # the last prompt's pins (set by _choose_pins)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if _native.n_pin(self._ctx.ctx) > 0 and (self.n_tokens == 0 or any(p >= self.n_tokens for p in self._pins)):
+            # A new prompt, or one that replaces a pinned token of the last (the server reusing only a shared
+            # system prompt): its pins are chosen from all of it.
+            tokens = [*self._input_ids[:self.n_tokens].tolist(), *tokens]
+            self._clear()
+            self._choose_pins(tokens)
+        super().eval(tokens)
+
+    def _clear(self) -> None:
+        self.n_tokens = 0
+        _llama_cpp.llama_cpp.llama_memory_clear(_llama_cpp.llama_cpp.llama_get_memory(self._ctx.ctx), True)
+
+    def _choose_pins(self, tokens: list[int]) -> None:
+        """Reads a prompt that starts from an empty cache once to choose its pins (razor_gguf.pins), then clears
+        the cache and pins them, so that eval() reads it again with them."""
+        ctx = self._ctx.ctx
+        n_sink, _ = _native.window(ctx)
+        window = min(w for w in _native.layer_windows(ctx) if w > 0)
+        n_obs = min(PIN_QUERIES, _native.n_ubatch(ctx), self.n_batch, len(tokens) - 1)
+        end = len(tokens) - window  # the tokens that will have left every local window by the prompt's end
+        self._pins = []
+        _native.set_pins(ctx, [])
+        if n_obs < 1 or end <= n_sink or not any(_native.head_map(ctx)):
+            return
+        super().eval(tokens[:-n_obs])
+        _native.pin_capture(ctx, True)
+        try:
+            super().eval(tokens[-n_obs:])  # one ubatch: the record holds the last graph's queries
+        finally:
+            _native.pin_capture(ctx, False)
+        scores = _native.pin_scores(ctx, len(tokens))
+        self._pins = select_pins(scores, _native.n_pin(ctx), n_sink, end)
+        self._clear()
+        _native.set_pins(ctx, self._pins)
+
+    @property
+    def pinned(self) -> list[int]:
+        """The positions pinned for the prompt in the cache (empty without pins)."""
+        return list(self._pins)
+
+
+class _ServedLlama(PinChoice, _llama_cpp.Llama):
+    """llama-cpp-python's Llama as its server loads it, with razor_gguf.Llama's pin choice."""
+
+
+def serve_with_pins(llm: _llama_cpp.Llama) -> None:
+    """Give a llama_cpp.Llama loaded by llama-cpp-python's server (which builds it itself) the pin choice of
+    razor_gguf.Llama; nothing changes for a context without pins."""
+    if not isinstance(llm, PinChoice):
+        llm.__class__ = _ServedLlama
+
+
+class Llama(PinChoice, _llama_cpp.Llama):
     """Drop-in replacement for `llama_cpp.Llama` (same constructor, methods and streaming) on the
     razor-patched llama.cpp.
 
@@ -219,41 +284,6 @@ class Llama(_llama_cpp.Llama):
                 raise
         self._razor_notes = tap.lines
         self._razor_check(overrides.get("razor.enabled"))
-        self._pins: list[int] = []
-
-    def eval(self, tokens: Sequence[int]) -> None:
-        if self.n_tokens == 0 and _native.n_pin(self._ctx.ctx) > 0:
-            self._choose_pins(list(tokens))
-        super().eval(tokens)
-
-    def _choose_pins(self, tokens: list[int]) -> None:
-        """Reads a prompt that starts from an empty cache once to choose its pins (razor_gguf.pins), then clears
-        the cache and pins them, so that eval() reads it again with them."""
-        ctx = self._ctx.ctx
-        n_sink, _ = _native.window(ctx)
-        window = min(w for w in _native.layer_windows(ctx) if w > 0)
-        n_obs = min(PIN_QUERIES, _native.n_ubatch(ctx), self.n_batch, len(tokens) - 1)
-        end = len(tokens) - window  # the tokens that will have left every local window by the prompt's end
-        self._pins = []
-        _native.set_pins(ctx, [])
-        if n_obs < 1 or end <= n_sink or not any(_native.head_map(ctx)):
-            return
-        super().eval(tokens[:-n_obs])
-        _native.pin_capture(ctx, True)
-        try:
-            super().eval(tokens[-n_obs:])  # one ubatch: the record holds the last graph's queries
-        finally:
-            _native.pin_capture(ctx, False)
-        scores = _native.pin_scores(ctx, len(tokens))
-        self._pins = select_pins(scores, _native.n_pin(ctx), n_sink, end)
-        self.n_tokens = 0
-        _llama_cpp.llama_cpp.llama_memory_clear(_llama_cpp.llama_cpp.llama_get_memory(ctx), True)
-        _native.set_pins(ctx, self._pins)
-
-    @property
-    def pinned(self) -> list[int]:
-        """The positions the last prompt read from an empty cache pinned (empty without pins)."""
-        return list(self._pins)
 
     def close(self) -> None:
         # Bad razor options raise before llama_cpp.Llama.__init__ has run; its __del__ still calls close().
@@ -283,4 +313,5 @@ class Llama(_llama_cpp.Llama):
         return razor_stats(self, self._razor_budget)
 
 
-__all__ = ["Llama", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats"]
+__all__ = ["Llama", "PinChoice", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats",
+           "serve_with_pins"]

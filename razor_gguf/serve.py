@@ -125,7 +125,7 @@ def current_model():
 def build_app(args: argparse.Namespace):
     """The FastAPI app with the model loaded. Raises UserError for bad input."""
     from . import _native
-    from .llama import RazorLogTap, razor_fallback_reason, razor_stats
+    from .llama import RazorLogTap, razor_fallback_reason, razor_stats, serve_with_pins
 
     _native.load_llama_cpp()  # bind llama_cpp to the patched libraries before the server imports it
     try:
@@ -137,9 +137,6 @@ def build_app(args: argparse.Namespace):
 
     check_model_file(args.model)
     razor = razor_kwargs(args)
-    if razor["pins"]:
-        # the server's model is llama-cpp-python's own Llama: it would hold pin rows but never choose pins
-        raise UserError("--pins: not in serve yet (the server does not read prompts twice); use chat or razor_gguf.Llama")
     overrides = flag_razor_overrides(**razor)
     kw = llama_kwargs(args)
     workers = kw.pop("rpc_servers", None)
@@ -163,6 +160,7 @@ def build_app(args: argparse.Namespace):
         raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
     app.add_middleware(RequestValidation, alias=model_settings.model_alias)
     llm = current_model()
+    serve_with_pins(llm)  # the server builds llama_cpp.Llama itself: a prompt from an empty cache chooses its pins
     llm._razor_overrides = overrides  # what razor_stats reports as the settings in effect
     served = {"overrides": overrides}  # what the model is (re)loaded with: the razor switch changes it
     if workers:
@@ -237,7 +235,7 @@ def build_app(args: argparse.Namespace):
 def _reload(proxy, model_settings, overrides: dict[str, Any], verbose: bool) -> list[str]:
     """Replace the served model by one loaded with these razor overrides (llama_cpp.server's proxy reloads it
     from the updated settings). Returns the `razor:` notes llama.cpp logged while loading it."""
-    from .llama import RazorLogTap, forget_lost_rpc_workers
+    from .llama import RazorLogTap, forget_lost_rpc_workers, serve_with_pins
 
     model_settings.kv_overrides = kv_override_strings(overrides) or None
     if proxy._current_model is not None:
@@ -246,6 +244,7 @@ def _reload(proxy, model_settings, overrides: dict[str, Any], verbose: bool) -> 
     forget_lost_rpc_workers()  # the old model's buffers on them went with it: the load connects afresh
     with RazorLogTap(verbose=verbose) as tap:
         llm = proxy(model_settings.model_alias)
+    serve_with_pins(llm)
     llm._razor_overrides = overrides
     return tap.lines
 

@@ -69,6 +69,17 @@ def test_short_run_json(razor_model, tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_pins_read_the_prompt_twice(razor_model):
+    r = _bench(razor_model, "--ctx", 1024, "--n-decode", 4, "--modes", "full,razor", "--window", 64, "--n-ubatch", 64,
+               "--pins", 16, "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["settings"]["razor_overrides"] == {"razor.window": 64, "razor.n_pin": 16, "razor.compensation": False}
+    full, razor = res["runs"]
+    assert (full["pins"], full["pinned"]) == (0, 0)
+    assert (razor["pins"], razor["pinned"]) == (16, 16) and razor["prefill_tps"] > 0
+
+
 def test_razor_that_cannot_run_is_reported_not_fatal(razor_model):
     # a 512-token window covers a 512-token context: llama.cpp runs the stock cache and says why
     r = _bench(razor_model, "--ctx", 512, "--kv-only", "--window", 512, "--json")

@@ -193,6 +193,36 @@ def test_llama_reads_the_prompt_twice_with_pins(mixed):
         llm.close()
 
 
+def test_new_prompt_over_a_shared_prefix_chooses_pins_again(mixed):
+    """llama-cpp-python's generate() keeps the longest cached prefix the cache can trim to (the server, a shared
+    system prompt): a prompt whose prefix ends before a pinned token of the last has its pins chosen from all of
+    it again, as a fresh model would; a continuation that keeps every pinned token is not read twice."""
+    from razor_gguf import Llama
+
+    first = list(_tokens(mixed[1], 90, seed=11))
+    second = first[:30] + list(_tokens(mixed[1], 70, seed=1))
+    kw = dict(model_path=str(mixed[0]), n_ctx=256, n_batch=16, n_ubatch=16, logits_all=True, type_k=0, type_v=0,
+              verbose=False, pins=4, compensation=False)
+    fresh, llm = Llama(**kw), Llama(**kw)
+    try:
+        fresh.eval(second)
+        llm.eval(first)
+        assert any(p >= 30 for p in llm.pinned) and llm.pinned != fresh.pinned
+        assert llm._ctx.kv_cache_seq_rm(-1, 30, -1)  # the cache keeps the shared 30 tokens, so generate() does
+        llm.n_tokens = 30
+        llm.eval(second[30:])
+        assert llm.pinned == fresh.pinned != []
+        assert np.array_equal(np.array(llm.scores[:len(second)]), np.array(fresh.scores[:len(second)]))
+        pins = llm.pinned
+        more = list(_tokens(mixed[1], 3, seed=9))
+        llm.create_completion(second + more, max_tokens=1, temperature=0)  # the next turn: one read, same pins
+        assert llm.pinned == pins
+        assert np.abs(np.array(llm.scores[:len(second) + 3]) - _oracle(mixed, second + more, pins)).max() < F32_TOL
+    finally:
+        fresh.close()
+        llm.close()
+
+
 def test_select_pins():
     s = np.zeros(40)
     s[[12, 30]] = [5.0, 3.0]

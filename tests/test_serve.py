@@ -24,30 +24,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_razor, tmp_path_factory):
-    """The server on a free loopback port; razor options from a flag (--n-sink) and the environment (RAZOR_WINDOW)."""
+def _start(model, log, *args, env=None):
+    """A `razor-gguf serve` process on a free loopback port, once it answers: (base URL, process)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "RAZOR_WINDOW": "256"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "razor_gguf", "serve", str(smollm2_razor[0]), "--port",
-                                 str(port), "--ctx", "2048", "--n-batch", "128", "--n-sink", "8"],
-                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "razor_gguf", "serve", str(model), "--port", str(port), *args],
+                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(base + "/v1/models", timeout=2).read()
-            break
+            return base, proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-    yield base, proc, log
+
+
+def _stop(proc) -> None:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_razor, tmp_path_factory):
+    """The server on a free loopback port; razor options from a flag (--n-sink) and the environment (RAZOR_WINDOW)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    base, proc = _start(smollm2_razor[0], log, "--ctx", "2048", "--n-batch", "128", "--n-sink", "8",
+                        env={"RAZOR_WINDOW": "256"})
+    yield base, proc, log
+    _stop(proc)
 
 
 @pytest.fixture
@@ -136,7 +144,6 @@ def test_oversize_prompt_is_a_clear_error_without_crash(server, client):
     (["MODEL", "--razor"], {}, "no razor head map"),
     (["MODEL"], {"RAZOR_WINDOW": "wide"}, "RAZOR_WINDOW='wide' is not a valid int"),
     (["MODEL", "--port", "70000"], {}, "--port must be in 0..65535"),
-    (["MODEL", "--pins", "8"], {}, "--pins: not in serve yet"),
 ])
 def test_serve_bad_input_is_one_line_exit_2(smollm2_path, args, env, message):
     args = [smollm2_path if a == "MODEL" else a for a in args]
@@ -144,3 +151,36 @@ def test_serve_bad_input_is_one_line_exit_2(smollm2_path, args, env, message):
                        text=True, timeout=120, env={**os.environ, **env})
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_pins_with_the_compensation_row_is_one_line_exit_2(smollm2_razor):
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "serve", str(smollm2_razor[0]), "--pins", "8",
+                        "--compensation", "--ctx", "512"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "razor.n_pin (pinned tokens) needs razor.compensation = false" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_pins_are_chosen_as_razor_gguf_llama_chooses_them(smollm2_razor, tmp_path):
+    """serve --pins: the server's own model reads a prompt from an empty cache twice and pins what razor_gguf.Llama
+    pins for it (GET /v1/razor/stats shows them), so both answer alike: here a passkey past the window."""
+    from razor_gguf import Llama, passkey
+
+    opts = dict(n_ctx=2048, n_batch=128, flash_attn=True, pins=64, compensation=False, kv_budget=0.35)  # serve's defaults
+    base, proc = _start(smollm2_razor[0], tmp_path / "server.log", "--ctx", "2048", "--n-batch", "128", "--pins", "64",
+                        "--no-compensation", "--kv-budget", "0.35")
+    llm = Llama(model_path=str(smollm2_razor[0]), verbose=False, **opts)
+    try:
+        stats = json.loads(urllib.request.urlopen(base + "/v1/razor/stats").read())
+        assert (stats["pins"], stats["pinned"]) == (64, [])
+        trial = passkey.make_prompt(lambda s: llm.tokenize(s.encode()), 1300, 0.25, "71843")
+        want = llm.create_completion(trial.text, max_tokens=8, temperature=0)["choices"][0]["text"]
+        client = openai.OpenAI(base_url=base + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+        got = client.completions.create(model="smollm2-razor", prompt=trial.text, max_tokens=8, temperature=0)
+        stats = json.loads(urllib.request.urlopen(base + "/v1/razor/stats").read())
+        assert stats["pinned"] == llm.pinned and len(llm.pinned) == 64, (stats, llm.pinned)
+        assert stats["window"] + stats["n_sink"] < trial.n_tokens * 0.75  # the needle has left the window
+        assert got.choices[0].text == want and passkey.is_correct(want, trial.key), (want, got.choices[0].text)
+    finally:
+        llm.close()
+        _stop(proc)
