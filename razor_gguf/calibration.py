@@ -39,9 +39,11 @@ def calibration_chunks(tokenize: Callable[[str], Sequence[int]], n_chunks: int, 
     return [toks[i * n_tokens:(i + 1) * n_tokens] for i in range(n_chunks)]
 
 
-def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensation: bool = True, chunk: int = 512):
+def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensation: bool = True, chunk: int = 512,
+                          pins: Sequence[int] = ()):
     """The razor policy of razor_gguf.oracle.razor_attention (exact per token, slack 0) in PyTorch, in the
     reference pass's layout: q [n_head, T, d], k and v [n_head_kv, T, d] after RoPE; returns [n_head, T, d].
+    pins: positions every local head also keeps (razor.n_pin; needs compensation=False).
 
     The compensation row's sums come from prefix sums over positions, so a layer costs about what its plain
     attention costs (the numpy oracle loops over heads; tests/test_oracle.py holds the two together)."""
@@ -55,6 +57,10 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
     scale = 1.0 / math.sqrt(d)
     dev = q.device
     local = torch.as_tensor(np.asarray(head_map).reshape(-1) == 0, device=dev)  # [n_kv]
+    pinned = torch.zeros(T, dtype=torch.bool, device=dev)
+    pinned[[p for p in pins if 0 <= p < T]] = True
+    if bool(pinned.any()) and compensation:
+        raise ValueError("pins need compensation=False (the row would count a pinned token twice)")
     qg = q.reshape(n_kv, g, T, d)
     csk = torch.cat([torch.zeros(n_kv, 1, d, dtype=k.dtype, device=dev), k.cumsum(1)], 1)  # csk[:, j] = sum of k[:, :j]
     csv = torch.cat([torch.zeros(n_kv, 1, v.shape[2], dtype=v.dtype, device=dev), v.cumsum(1)], 1)
@@ -65,7 +71,7 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
         qi, kj = pos[s0:e, None], pos[None, :e]
         causal = kj <= qi
         lo = qi[:, 0] - window + 1  # first position of each query's window; [S, lo) is evicted
-        kept = causal & ((kj < n_sink) | (kj >= lo[:, None]))
+        kept = causal & ((kj < n_sink) | (kj >= lo[:, None]) | pinned[None, :e])
         mask = torch.where(local[:, None, None, None], kept, causal)  # [n_kv, 1, R, e]
         sc = torch.matmul(qg[:, :, s0:e], k[:, None, :e].transpose(-1, -2)) * scale
         sc = sc.masked_fill(~mask, float("-inf"))
@@ -96,11 +102,12 @@ def local_heads(hp, head_map: np.ndarray) -> list[int]:
     return [0 if s else int((1 - head_map[l]).sum()) for l, s in enumerate(swa_layers(hp))]
 
 
-def razor_policy(hp, head_map: np.ndarray, n_sink: int, window: int | Sequence[int], compensation: bool):
+def razor_policy(hp, head_map: np.ndarray, n_sink: int, window: int | Sequence[int], compensation: bool,
+                 pins: Sequence[int] = ()):
     """The whole model's attention under razor for ReferenceModel.forward(attention=...): head_map
-    [n_layer, n_head_kv]; window: one for every layer or one per layer (razor.layer_window_scale); the
-    sliding-window layers of an iSWA model keep their window (llama.cpp's SWA cache: every head local, no
-    sinks, no row)."""
+    [n_layer, n_head_kv]; window: one for every layer or one per layer (razor.layer_window_scale); pins:
+    positions every local head of the global layers also keeps; the sliding-window layers of an iSWA model keep
+    their window (llama.cpp's SWA cache: every head local, no sinks, no row)."""
     swa = swa_layers(hp)
     no_retrieval = np.zeros(head_map.shape[1])
     windows = [int(window)] * hp.n_layer if np.isscalar(window) else [int(w) for w in window]
@@ -108,9 +115,55 @@ def razor_policy(hp, head_map: np.ndarray, n_sink: int, window: int | Sequence[i
     def attention(il, q, k, v):
         if swa[il]:
             return razor_attention_torch(q, k, v, no_retrieval, 0, hp.n_swa, compensation=False)
-        return razor_attention_torch(q, k, v, head_map[il], n_sink, windows[il], compensation=compensation)
+        return razor_attention_torch(q, k, v, head_map[il], n_sink, windows[il], compensation=compensation, pins=pins)
 
     return attention
+
+
+def pin_record_policy(hp, head_map: np.ndarray, n_sink: int, window: int, n_prompt: int, scores: list):
+    """razor_policy without pins or row (the first read of a prompt with pins), which also records what
+    llama_razor_pin_capture does: the softmax attention the retrieval heads' last PIN_QUERIES prompt queries give
+    each prompt key, summed over queries, heads and the layers with both head kinds, appended to `scores` as a
+    tensor [n_prompt] per layer."""
+    import math
+
+    import torch
+
+    from .pins import PIN_QUERIES
+
+    razor = razor_policy(hp, head_map, n_sink, window, compensation=False)
+    swa = swa_layers(hp)
+    n_obs = min(PIN_QUERIES, n_prompt - 1)
+
+    def attention(il, q, k, v):
+        retr = torch.as_tensor(np.asarray(head_map[il]) == 1)
+        if not swa[il] and bool(retr.any()) and not bool(retr.all()):
+            H, T, d = q.shape
+            n_kv = k.shape[0]
+            o0 = n_prompt - n_obs
+            q_obs = q.reshape(n_kv, H // n_kv, T, d)[retr.to(q.device)][:, :, o0:n_prompt]
+            sc = torch.matmul(q_obs, k[retr.to(k.device)][:, None, :n_prompt].transpose(-1, -2)) / math.sqrt(d)
+            later = torch.arange(n_prompt, device=q.device)[None, :] > torch.arange(o0, n_prompt, device=q.device)[:, None]
+            scores.append(torch.softmax(sc.masked_fill(later, float("-inf")), -1).sum(dim=(0, 1, 2)).cpu())
+        return razor(il, q, k, v)
+
+    return attention
+
+
+def choose_pins(model, tokens: Sequence[int], head_map: np.ndarray, *, n_sink: int, window: int, n_pin: int) -> list[int]:
+    """The pins razor_gguf.Llama chooses for a prompt, in the reference pass: a first read under razor (no row)
+    records the retrieval heads' attention from the prompt's last tokens (pin_record_policy); the pins are the
+    n_pin positions with the highest max-pooled score among those that leave the window by the prompt's end
+    (razor_gguf.pins.select_pins). Read the prompt again with razor_policy(..., pins=...) to use them."""
+    from .pins import select_pins
+
+    hp = model.hp
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    scores: list = []
+    model.forward(list(tokens), attention=pin_record_policy(hp, head_map, n_sink, window, len(tokens), scores))
+    if not scores:
+        return []
+    return select_pins(sum(scores).double().numpy(), n_pin, n_sink, len(tokens) - window)
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,21 @@ def test_torch_policy_matches_oracle(compensation, window):
     if window < t - 4:  # the row matters wherever tokens are evicted
         other = razor_attention(q, k, v, hm, 4, window, reference=True, compensation=not compensation)
         assert np.abs(other - ref).max() > 1e-2
+
+
+def test_torch_policy_with_pins_matches_oracle():
+    """The PyTorch policy with pins (the reference pass's second read of a pinned prompt) is the oracle's."""
+    torch = pytest.importorskip("torch")
+    from razor_gguf.calibration import razor_attention_torch
+
+    rng = np.random.default_rng(8)
+    t, d = 300, 32
+    q, k, v = (rng.standard_normal((t, h, d)).astype(np.float32) for h in (6, 3, 3))
+    hm, pins = np.array([0, 1, 0]), [10, 11, 12, 150, 299]
+    ref = razor_attention(q, k, v, hm, 4, 40, reference=True, compensation=False, pins=pins)
+    to = lambda a: torch.from_numpy(a).transpose(0, 1).contiguous()  # noqa: E731
+    got = razor_attention_torch(to(q), to(k), to(v), hm, 4, 40, compensation=False, chunk=128, pins=pins)
+    assert np.abs(got.transpose(0, 1).numpy() - ref).max() < 1e-5
+    assert np.abs(ref - razor_attention(q, k, v, hm, 4, 40, reference=True, compensation=False)).max() > 1e-2
+    with pytest.raises(ValueError, match="pins need compensation=False"):
+        razor_attention_torch(to(q), to(k), to(v), hm, 4, 40, pins=pins)

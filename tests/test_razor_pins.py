@@ -223,6 +223,30 @@ def test_new_prompt_over_a_shared_prefix_chooses_pins_again(mixed):
         llm.close()
 
 
+def test_reference_pass_chooses_the_pins_llama_cpp_chooses(mixed):
+    """razor_gguf.calibration.choose_pins (what a pinned retrieval probe in the reference pass uses) picks the pins
+    razor_gguf.Llama picks for the same prompt (its record of the last 32 queries: n_ubatch 32), and the reference
+    pass's second read with them gives llama.cpp's logits."""
+    pytest.importorskip("torch")
+    from razor_gguf import Llama
+    from razor_gguf.calibration import choose_pins, razor_policy
+    from razor_gguf.reference import ReferenceModel
+
+    toks = [int(t) for t in _tokens(mixed[1], 120, seed=5)]
+    llm = Llama(model_path=str(mixed[0]), n_ctx=256, n_batch=32, n_ubatch=32, logits_all=True, type_k=0, type_v=0,
+                verbose=False, pins=4, compensation=False)
+    try:
+        llm.eval(toks)
+        cpp, pins = np.array(llm.scores[:len(toks)]), llm.pinned
+    finally:
+        llm.close()
+    model = ReferenceModel(str(mixed[0]))
+    assert choose_pins(model, toks, MIXED, n_sink=SINK, window=WINDOW, n_pin=4) == pins
+    ref = model.forward(toks, want_logits="all", attention=razor_policy(model.hp, MIXED, SINK, WINDOW, False, pins))
+    unpinned = model.forward(toks, want_logits="all", attention=razor_policy(model.hp, MIXED, SINK, WINDOW, False))
+    assert np.abs(ref.numpy() - cpp).max() < 1e-4 < 0.1 < np.abs(unpinned.numpy() - cpp).max()
+
+
 def test_select_pins():
     s = np.zeros(40)
     s[[12, 30]] = [5.0, 3.0]
