@@ -69,6 +69,8 @@ if [[ $what == all || $what == eval ]]; then
     --plan fewer-heads-pins --ctx 4096 --task passkey --method razor_pins_r0.05 --method razor_r0.05
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
     --plan fewer-heads-pins --ctx 4096 --task mniah --method razor_pins_r0.05 --method razor_r0.05
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
+    --plan fewer-heads-pins --ctx 8192 --task passkey --method razor_pins_r0.05
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
