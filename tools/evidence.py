@@ -49,7 +49,7 @@ METHODS = {
     "full": {"razor": False},
     "razor": {"razor": True},
     "razor_paper": {"razor": True, "compensation": True},
-    "streaming": {"razor": True, "retrieval_ratio": 0.0, "compensation": False},
+    "streaming": {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "pins": 0},
     "razor_uniform": {"razor": True, "layer_windows": False},
     "razor_pins": {"razor": True, "compensation": False, "pins": 64},
 }
@@ -72,6 +72,8 @@ PLANS = {
                         methods=("razor", "streaming", "razor_r0.05", "razor_r0.1"), n=1),
     "fewer-heads-pins": dict(tasks=TASKS, lengths=(4096, 8192), budgets=(0.35,),
                              methods=("razor_r0.05", "razor_pins_r0.05", "razor_pins_r0.1"), n=20),
+    "fewer-heads-pins-kld": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,),
+                                 methods=("razor_pins_r0.05",), n=1),
     # per-layer windows (razor.layer_window_scale) against one uniform window at the same budget
     "layer-windows": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_uniform"),
                           n=1),
