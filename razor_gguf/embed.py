@@ -70,6 +70,7 @@ def embed_heads(
     dry_run: bool = False,
     calibrate: bool = True,
     layer_windows: bool = False,
+    ratios: bool = False,
     device: str = "auto",
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
@@ -81,6 +82,9 @@ def embed_heads(
     record that as the model's default (razor.compensation, with razor.calibration.* provenance).
     layer_windows: also measure per-layer windows against one uniform window at the recommended budget
     (razor_gguf.layer_windows; minutes more) and store them (razor.layer_window_scale) where they win.
+    ratios: also measure the retrieval ratio at budget 0.35 (razor_gguf.ratios; minutes more): a smaller one that
+    wins replaces the selection's map, and the pins it ran with become the default (razor.n_pin) where they lose
+    nothing; the budget and per-layer windows are then measured with that map.
     device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
     """
     reader = open_gguf(input)
@@ -103,6 +107,8 @@ def embed_heads(
     induction_ratio = _ratio("induction-ratio", DEFAULT_INDUCTION_RATIO if induction_ratio is None else induction_ratio)
     echo_ratio = _ratio("echo-ratio", DEFAULT_ECHO_RATIO if echo_ratio is None else echo_ratio)
     seed = DEFAULT_SEED if seed is None else seed
+    if (layer_windows or ratios) and not calibrate:
+        raise UserError(f"--{'layer-windows' if layer_windows else 'ratios'} needs the calibration (drop --no-calibration)")
     if probe_len < 2:
         raise UserError(f"--probe-len must be at least 2, got {probe_len}")
     if window < 1 or n_sink < 0:
@@ -136,10 +142,10 @@ def embed_heads(
             progress=lambda il: bar.update(1),
             model=model,
         )
-    if layer_windows and not calibrate:
-        raise UserError("--layer-windows needs the calibration (drop --no-calibration)")
-    calibration, budgets, windows = (_calibrate(input, model, scores.head_map, n_sink, window, layer_windows)
-                                     if calibrate else (None, None, None))
+    calibration, budgets, windows, measured_ratios = (_calibrate(input, model, scores, n_sink, window, layer_windows,
+                                                                 ratios) if calibrate else (None, None, None, None))
+    if measured_ratios is not None and measured_ratios.adopted:
+        scores = _with_ratio(scores, measured_ratios, hp)
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -153,6 +159,7 @@ def embed_heads(
         calibration=calibration,
         budgets=budgets,
         layer_windows=windows,
+        ratios=measured_ratios,
     )
     if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
@@ -174,11 +181,26 @@ def embed_heads(
     return summary
 
 
-def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windows: bool = False):
-    """The measured defaults (razor_gguf.calibration): whether the compensation row helps, and then, with that
-    setting, the recommended KV budget, and (layer_windows) per-layer windows at that budget's window.
-    (None, None, None) where there is nothing to measure: no local head (every head of the global layers a
-    retrieval head: razor runs the stock cache), or a context too short to evict anything."""
+def _with_ratio(scores, m, hp):
+    """The scores with the head map of the adopted retrieval ratio (and the selection ratios that give it)."""
+    import dataclasses
+
+    from .ratios import adopted_map
+
+    e = scores.provenance["echo_ratio"]
+    local = hp.swa_layers if any(hp.swa_layers) else None
+    prov = {**scores.provenance, "induction_ratio": max(0.0, m.ratio - min(e, m.ratio)), "echo_ratio": min(e, m.ratio)}
+    return dataclasses.replace(scores, head_map=adopted_map(m, scores.echo, scores.induction, scores.head_map, e, local),
+                               provenance=prov)
+
+
+def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows: bool = False, ratios: bool = False):
+    """The measured defaults (razor_gguf.calibration): whether the compensation row helps; then, with that setting,
+    (ratios) the retrieval ratio and pins (razor_gguf.ratios), and with the map that gives, the recommended KV
+    budget and (layer_windows) per-layer windows at that budget's window. (None, None, None, None) where there is
+    nothing to measure: no local head (every head of the global layers a retrieval head: razor runs the stock
+    cache), or a context too short to evict anything."""
+    head_map = scores.head_map
     from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
                               local_heads, measure_budgets, measure_compensation)
 
@@ -186,7 +208,7 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windo
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
     n_local = local_heads(hp, head_map)
     if sum(n_local) == 0 or n_tokens < n_sink + window + 256:
-        return None, None, None
+        return None, None, None, None
     from . import _native
 
     try:
@@ -199,16 +221,35 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windo
     n_valid = 2 if layer_windows else 0  # validation chunks: the calibration text past the chunks above
     try:
         chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS + n_valid, n_tokens)
-        if layer_windows:
+        if layer_windows or ratios:
+            from . import ratios as _ratios
             from .layer_windows import N_PROBES, retrieval_probes
 
-            probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos), N_PROBES, n_tokens)
+            probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos),
+                                      max(N_PROBES, _ratios.N_PROBES), n_tokens)
     finally:
         tok.close()
     chunks, valid = chunks[:DEFAULT_CHUNKS], chunks[DEFAULT_CHUNKS:]
-    with _bar((4 + len(BUDGET_LADDER)) * len(chunks), "calibrating", unit="pass") as bar:
+    with _bar(3 * len(chunks), "calibrating", unit="pass") as bar:
         comp = measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
+    measured_ratios = None
+    if ratios:
+        from .ratios import adopted_map, candidates, passes as ratio_passes
+
+        n_cand = len(candidates(float(head_map.mean())))
+        e = scores.provenance["echo_ratio"]
+        with _bar(ratio_passes(n_cand, len(chunks), _ratios.N_PROBES, not comp.compensation), "retrieval ratios",
+                  unit="pass") as bar:
+            try:
+                measured_ratios = _ratios.measure_ratios(
+                    model, scores.echo, scores.induction, head_map, e, chunks, probes[:_ratios.N_PROBES],
+                    n_sink=n_sink, compensation=comp.compensation, progress=lambda: bar.update(1))
+            except ValueError as ex:
+                raise UserError(f"{path}: {ex}") from None
+        head_map = adopted_map(measured_ratios, scores.echo, scores.induction, head_map, e,
+                               hp.swa_layers if any(hp.swa_layers) else None)
+    with _bar((1 + len(BUDGET_LADDER)) * len(chunks), "budgets", unit="pass") as bar:
         budgets = measure_budgets(model, head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
                                   progress=lambda: bar.update(1))
     windows = None
@@ -221,11 +262,11 @@ def _calibrate(path: str, model, head_map, n_sink: int, window: int, layer_windo
                   unit="pass") as bar:
             try:
                 windows = measure_layer_windows(model, head_map, chunks, valid, n_sink=n_sink, window=w,
-                                                compensation=comp.compensation, probes=probes,
+                                                compensation=comp.compensation, probes=probes[:N_PROBES],
                                                 progress=lambda: bar.update(1))
             except ValueError as e:
                 raise UserError(f"{path}: {e}") from None
-    return comp, budgets, windows
+    return comp, budgets, windows, measured_ratios
 
 
 def _summary_from_kv(kv: dict) -> dict:
@@ -257,6 +298,7 @@ def format_summary(info: dict, detail: bool = True) -> str:
         f"n_sink {info['n_sink']}, window {info['window']}, compensation row "
         + ("on" if info.get("compensation", True) else "off") + _measured(info),
         *_budget_lines(info),
+        *_ratio_lines(info),
         *_layer_window_lines(info),
         f"retrieval heads in layers: {', '.join(map(str, retr_layers)) or 'none'}",
         # per-layer arrays are shown above (or by --json), not in this line
@@ -292,6 +334,29 @@ def _budget_lines(info: dict) -> list[str]:
     return [f"{head} keeping the full model's next token on >= {p['calibration.top1_target']:.0%} of "
             f"{p['calibration.budget_tokens']} calibration positions at {p['calibration.budget_context']} tokens)",
             f"  measured: {ladder}"]
+
+
+def _ratio_lines(info: dict) -> list[str]:
+    p = info.get("provenance", {})
+    if "calibration.ratios" not in p:
+        return []
+    n = p["calibration.ratio_probes"]
+    cells = "; ".join(
+        f"{r:.0%} ({h} heads, W {w}): KLD {k:.4f} (x{lo:.2f}-{hi:.2f}), top-1 {t:.1%}, probe {a}/{n}"
+        for r, h, w, k, lo, hi, t, a in zip(p["calibration.ratios"], p["calibration.ratio_heads"],
+                                            p["calibration.ratio_windows"], p["calibration.ratio_kld"],
+                                            p["calibration.ratio_kld_lo"], p["calibration.ratio_kld_hi"],
+                                            p["calibration.ratio_top1"], p["calibration.ratio_probe"]))
+    pins = p["calibration.ratio_n_pin"]
+    verdict = (f"adopted: {info['retrieval_count']} retrieval heads" if p["calibration.ratio_adopted"] else
+               "the selection's ratio kept")
+    pin_line = ("" if not pins else
+                f"; {pins} pins {'on by default (razor.n_pin)' if p['calibration.ratio_pins_adopted'] else 'not adopted'}"
+                f": the selection's probe {p['calibration.ratio_probe'][-1]}/{n} with them, "
+                f"{p['calibration.ratio_probe_no_pins']}/{n} without")
+    return [f"retrieval ratio at budget {p['calibration.ratio_budget']:g} ({p['calibration.ratio_context']} tokens, "
+            f"{p['calibration.ratio_tokens']} positions, KLD x its 95% interval against the last): {verdict}{pin_line}",
+            f"  measured: {cells}"]
 
 
 def _layer_window_lines(info: dict) -> list[str]:
@@ -344,7 +409,7 @@ def cmd_embed_heads(args) -> int:
             args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
             probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
             force=args.force, dry_run=args.dry_run, calibrate=args.calibration, layer_windows=args.layer_windows,
-            device=args.device)
+            ratios=args.ratios, device=args.device)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -402,6 +467,13 @@ def add_subcommands(sub) -> None:
                         "calibration text, validated on other text; ~6-7 min more for SmolLM2) and store them as the "
                         "model's default where the 95%% interval says they win; an experiment: on SmolLM2 what it "
                         "adopts at the 0.75 budget loses in llama.cpp, see README")
+    e.add_argument("--ratios", action="store_true",
+                   help="also measure the retrieval ratio at KV budget 0.35: fewer retrieval heads (5%%, 10%%) against the "
+                        "selection's at equal memory, on next-token KLD over calibration text and a multi-needle probe, "
+                        "with 64 pinned tokens where the compensation row is off; a ratio that wins (KLD 95%% interval "
+                        "below 1, probe not worse) replaces the head map, and the pins become the model's default where "
+                        "they lose no probe (razor-gguf's doors then read each prompt twice); about 86 reference forwards of "
+                        "2048 tokens: an hour on 2 busy CPU cores for SmolLM2")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")

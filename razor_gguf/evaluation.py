@@ -127,7 +127,8 @@ def streaming_mode(s: Settings, n_ctx: int) -> tuple[Mode | None, str | None]:
     """StreamingLLM with the largest window whose allocated KV bytes do not exceed razor's at 15% (or, with
     a KV budget, the largest window within that budget, as razor gets)."""
     if s.kv_budget is not None:
-        m = Mode("streaming", 0.0, {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "kv_budget": s.kv_budget})
+        m = Mode("streaming", 0.0, {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "pins": 0,
+                                    "kv_budget": s.kv_budget})
         return m, kv_bytes_of(s, m, n_ctx)[1]
     target, why = kv_bytes_of(s, Mode("razor", STREAMING_MATCHES, {"razor": True, "retrieval_ratio": STREAMING_MATCHES}),
                               n_ctx)
@@ -135,7 +136,8 @@ def streaming_mode(s: Settings, n_ctx: int) -> tuple[Mode | None, str | None]:
         return None, why
 
     def mode(w: int) -> Mode:
-        return Mode("streaming", 0.0, {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "window": w})
+        return Mode("streaming", 0.0, {"razor": True, "retrieval_ratio": 0.0, "compensation": False, "pins": 0,
+                                    "window": w})
 
     lo, hi = 0, n_ctx  # largest w in [1, n_ctx) with bytes(w) <= target; bytes grow with w in 256-row steps
     while hi - lo > 1:

@@ -106,13 +106,44 @@ def razor_kv_of(reader) -> dict:
     return {f.name: _field_kv(f) for f in reader.fields.values() if f.name.startswith(PREFIX)}
 
 
+def ratios_kv(m) -> dict:
+    """The keys of a razor_gguf.ratios.RatioMeasurement: its provenance, and its pins as razor.n_pin where adopted
+    (the adopted ratio is the head map itself)."""
+    from gguf import GGUFValueType as V
+
+    f32 = lambda xs: (V.ARRAY, [float(x) for x in xs], V.FLOAT32)  # noqa: E731
+    u32 = lambda xs: (V.ARRAY, [int(x) for x in xs], V.UINT32)  # noqa: E731
+    out = {
+        "razor.calibration.ratios": f32(m.ratios),
+        "razor.calibration.ratio_heads": u32(m.retrieval_heads),
+        "razor.calibration.ratio_windows": u32(m.windows),
+        "razor.calibration.ratio_kld": f32(m.kld),
+        "razor.calibration.ratio_kld_lo": f32(lo for lo, _ in m.kld_ratio_95),
+        "razor.calibration.ratio_kld_hi": f32(hi for _, hi in m.kld_ratio_95),
+        "razor.calibration.ratio_top1": f32(m.top1),
+        "razor.calibration.ratio_probe": u32(m.probe),
+        "razor.calibration.ratio_probes": (V.UINT32, int(m.n_probes), None),
+        "razor.calibration.ratio_probe_no_pins": (V.UINT32, int(m.probe_no_pins), None),
+        "razor.calibration.ratio_budget": (V.FLOAT32, float(m.budget), None),
+        "razor.calibration.ratio_context": (V.UINT32, int(m.context), None),
+        "razor.calibration.ratio_tokens": (V.UINT32, int(m.n_positions), None),
+        "razor.calibration.ratio_n_pin": (V.UINT32, int(m.n_pin), None),
+        "razor.calibration.ratio_adopted": (V.BOOL, bool(m.adopted), None),
+        "razor.calibration.ratio_pins_adopted": (V.BOOL, bool(m.pins_adopted), None),
+    }
+    if m.pins_adopted:
+        out["razor.n_pin"] = (V.UINT32, int(m.n_pin), None)
+    return out
+
+
 def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
-                   calibration=None, budgets=None, layer_windows=None) -> dict:
+                   calibration=None, budgets=None, layer_windows=None, ratios=None) -> dict:
     """The razor.* keys as {key: (GGUFValueType, value, sub_type)}. calibration: a
     razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None; budgets: a
     razor_gguf.calibration.BudgetMeasurement (the recommended KV budget becomes razor.kv_budget), or None;
     layer_windows: a razor_gguf.layer_windows.LayerWindowMeasurement (its allocation becomes
-    razor.layer_window_scale only where it was adopted), or None."""
+    razor.layer_window_scale only where it was adopted), or None; ratios: a razor_gguf.ratios.RatioMeasurement
+    (provenance, and razor.n_pin where its pins were adopted; scores carry the adopted map), or None."""
     from gguf import GGUFValueType as V
 
     p = scores.provenance
@@ -140,6 +171,8 @@ def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source
             measured["razor.kv_budget"] = (V.FLOAT32, float(budgets.kv_budget), None)
     if layer_windows is not None:
         measured.update(layer_windows_kv(layer_windows))
+    if ratios is not None:
+        measured.update(ratios_kv(ratios))
     return {
         "razor.version": (V.UINT32, RAZOR_VERSION, None),
         "razor.enabled": (V.BOOL, True, None),
@@ -258,6 +291,7 @@ def read_razor(reader) -> dict | None:
         "kv_budget": get("razor.kv_budget"),
         "layer_window_scale": [float(f"{x:.7g}") for x in get("razor.layer_window_scale", [])] or None,
         "enabled": get("razor.enabled"),
+        "n_pin": get("razor.n_pin", 0),  # pinned tokens per sequence by default (embed-heads --ratios)
         "compensation": get("razor.compensation", True),  # SPEC's row; embed-heads records the measured default
         "version": get("razor.version"),
         "provenance": prov,

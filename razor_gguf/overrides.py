@@ -34,7 +34,8 @@ def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window
     None leaves a setting to the model's razor.* metadata. kv_budget (see parse_kv_budget) sets the
     window for each context so the whole KV cache fits it; it cannot be combined with window. layer_windows=False
     gives every layer the same window, ignoring the per-layer allocation embed-heads may have stored. pins: tokens per
-    sequence every local head keeps beside its window (razor.n_pin; needs the compensation row off)."""
+    sequence every local head keeps beside its window (razor.n_pin; needs the compensation row off: compensation=True
+    without pins turns off the pins a model may have by default)."""
     out: dict[str, Any] = {}
     if kv_budget is not None:
         if window is not None:
@@ -57,6 +58,8 @@ def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window
         out["razor.retrieval_ratio"] = float(retrieval_ratio)
     if compensation is not None:
         out["razor.compensation"] = bool(compensation)
+        if compensation and pins is None:  # the row and a model's default pins (embed-heads --ratios) exclude each other
+            out["razor.n_pin"] = 0
     if layer_windows is not None:
         out["razor.layer_windows"] = bool(layer_windows)
     if pins is not None:

@@ -71,6 +71,13 @@ if [[ $what == all || $what == eval ]]; then
     --plan fewer-heads-pins --ctx 4096 --task mniah --method razor_pins_r0.05 --method razor_r0.05
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
     --plan fewer-heads-pins --ctx 8192 --task passkey --method razor_pins_r0.05
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
+    --plan fewer-heads-pins-kld
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
+    --plan fewer-heads-pins --ctx 8192 --task mniah --method razor_pins_r0.05
+  # the measured retrieval ratio and pins (embed-heads --ratios: about an hour on 2 cores)
+  $RG embed-heads "$SMOL" -o "$OUT/.smollm2-ratios.gguf" --ratios --json > "$OUT/ratios-smollm2.json"
+  rm -f "$OUT/.smollm2-ratios.gguf"
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi

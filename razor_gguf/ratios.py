@@ -1,0 +1,168 @@
+"""The retrieval ratio measured per model in the reference pass (`embed-heads --ratios`).
+
+At a fixed KV budget every retrieval head costs the local heads window: fewer retrieval heads buy a longer window,
+which running prose wants, while a needle far back in the prompt wants heads that keep every token. On SmolLM2 at
+budget 0.35, 5% of the KV heads as retrieval heads beat the paper's 15% on next-token KLD at 4k and 8k tokens, and
+with 64 pinned tokens (chosen by those heads' attention, razor.n_pin) kept the passkey the full cache keeps. So the
+ratio is measured on the model, not assumed:
+
+1. each candidate ratio re-selects the heads from the stored scores as llama.cpp's razor.retrieval_ratio override
+   does (the top ratio - echo_ratio by induction score, union the top echo_ratio by echo score), and gets the window
+   that fills RATIO_BUDGET of the full cache at the calibration length, less n_pin rows for the pins;
+2. next-token KLD against the full model on calibration chunks (razor_gguf.calibration), every candidate over the
+   same positions: from the first one the candidate with the most retrieval heads evicts (each chunk read as one
+   prompt: its pins chosen from a first read, then read again with them);
+3. a retrieval probe: multi-needle prompts in calibration prose (razor_gguf.layer_windows.retrieval_probes),
+   answered when the model's top-1 token at every position of the number is the number's (teacher forcing), pins
+   chosen from the prompt as razor_gguf.Llama chooses them;
+4. the stored map's ratio (the selection's, 15% by default) is replaced by the candidate with the lowest KLD whose
+   KLD ratio against it has its whole paired block-bootstrap 95% interval below 1 and whose probe answers at least
+   as many prompts.
+
+Pins need the compensation row off; where the measured row is on, every candidate runs without pins and the pins
+stay off. Where it is off, the stored map is also probed without pins: the pins become the model's default
+(razor.n_pin) only where they lose no probe. They are the default of razor-gguf's doors, which read each prompt
+twice to choose them; llama.cpp's own tools, which read a prompt once, keep the n_pin rows empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+RATIOS = (0.05, 0.1)  # candidates below the selection's own ratio (which is always measured too)
+RATIO_BUDGET = 0.35  # the KV fraction the ratios are compared at (the quality targets' budget)
+N_PIN = 64
+N_PROBES = 8
+BLOCK = 128  # bootstrap block (positions), never across chunks
+
+
+@dataclass(frozen=True)
+class RatioMeasurement:
+    ratio: float  # the adopted ratio (the stored map's own when nothing beat it)
+    adopted: bool  # a candidate replaced the stored map
+    n_pin: int  # the pins every candidate ran with (0: none); the model's default only where pins_adopted
+    pins_adopted: bool  # the stored map's probe with pins answered at least as many prompts as without
+    budget: float
+    context: int  # tokens per chunk and probe: the context the budget is a fraction of
+    ratios: tuple[float, ...]  # every measured ratio (the stored map's last), with for each:
+    retrieval_heads: tuple[int, ...]
+    windows: tuple[int, ...]
+    kld: tuple[float, ...]
+    top1: tuple[float, ...]
+    kld_ratio_95: tuple[tuple[float, float], ...]  # KLD against the stored map's, paired block bootstrap
+    probe: tuple[int, ...]  # probe prompts answered
+    n_probes: int
+    probe_no_pins: int  # the stored map's probe without pins (= probe[-1] when n_pin is 0)
+    n_positions: int
+
+
+def select_ratio(echo: np.ndarray, induction: np.ndarray, ratio: float, echo_ratio: float,
+                 local_layers: Sequence[bool] | None = None) -> np.ndarray:
+    """The head map llama.cpp selects for a razor.retrieval_ratio override: the top (ratio - echo_ratio) of KV
+    heads by induction score, union the top min(echo_ratio, ratio) by echo score."""
+    from .scoring import select_heads
+
+    e = min(echo_ratio, ratio)
+    return select_heads(echo, induction, max(0.0, ratio - e), e, list(local_layers) if local_layers else None)
+
+
+def candidates(scores_ratio: float, ratios: Sequence[float] = RATIOS) -> list[float]:
+    """The ratios measured: those of `ratios` below the stored map's, then the stored map's."""
+    return sorted({r for r in ratios if 0 < r < scores_ratio - 1e-9}) + [scores_ratio]
+
+
+def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.ndarray, echo_ratio: float,
+                   chunks: list[list[int]], probes: Sequence[tuple[list[int], list[int]]], *, n_sink: int,
+                   compensation: bool, ratios: Sequence[float] = RATIOS, budget: float = RATIO_BUDGET,
+                   n_pin: int = N_PIN, progress: Callable[[], None] | None = None) -> RatioMeasurement:
+    """The module's measurement. head_map: the stored map (the selection's), measured last; chunks and probes of
+    at most the calibration length (the shortest chunk sets the context)."""
+    from .calibration import choose_pins, local_heads, razor_policy, swa_layers, window_for_budget
+    from .intervals import block_means, bootstrap_ratio
+    from .kld import kl_and_top1
+
+    hp = model.hp
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    swa = swa_layers(hp)
+    n_pin = 0 if compensation else int(n_pin)
+    stored = float(head_map.sum() / head_map.size)
+    rs = candidates(stored, ratios)
+    maps = [select_ratio(echo, induction, r, echo_ratio, swa if any(swa) else None) for r in rs[:-1]] + [head_map]
+    n_tok = min(len(t) for t in chunks)
+    windows = []
+    for hm in maps:
+        w = window_for_budget(budget, hm, n_tok, n_sink, [not s for s in swa])
+        windows.append(None if w is None else w - n_pin)
+    if windows[-1] is None or windows[-1] < 1 or sum(local_heads(hp, head_map)) == 0:
+        raise ValueError(f"retrieval ratios: the stored map's retrieval heads alone exceed a budget of {budget} "
+                         f"(or it has no local head)")
+    keep = [i for i, w in enumerate(windows) if w is not None and w >= 1]
+    lo = n_sink + min(windows[i] for i in keep)  # where the most retrieval heads (the shortest window) start to evict
+    if n_tok <= lo + BLOCK:
+        raise ValueError(f"retrieval ratios: calibration chunks of {n_tok} tokens evict too little at budget {budget}")
+
+    def tick():
+        if progress:
+            progress()
+
+    def policy(i, toks, pins_on=True):
+        pins = (choose_pins(model, toks, maps[i], n_sink=n_sink, window=windows[i], n_pin=n_pin)
+                if n_pin and pins_on else ())
+        return razor_policy(hp, maps[i], n_sink, windows[i], compensation, pins)
+
+    kl = {i: [] for i in keep}
+    t1 = {i: [] for i in keep}
+    for toks in chunks:
+        toks = list(toks[:n_tok])
+        full = model.forward(toks, want_logits="all", logits_from=lo).numpy()
+        tick()
+        for i in keep:
+            got = model.forward(toks, want_logits="all", logits_from=lo, attention=policy(i, toks)).numpy()
+            d, a = kl_and_top1(full, got)
+            kl[i].append(d)
+            t1[i].append(a)
+            tick()
+
+    def answered(i, pins_on=True):
+        n = 0
+        for prompt, answer in probes:
+            logits = model.forward(prompt + answer[:-1], want_logits="all", logits_from=len(prompt) - 1,
+                                   attention=policy(i, prompt, pins_on)).numpy()
+            n += bool((logits.argmax(axis=-1) == np.asarray(answer)).all())
+            tick()
+        return n
+
+    probe = {i: answered(i) for i in keep}
+    base = keep[-1]
+    no_pins = answered(base, pins_on=False) if n_pin else probe[base]
+    den = np.concatenate([block_means(x, BLOCK) for x in kl[base]])
+    sizes = np.concatenate([[len(x[j:j + BLOCK]) for j in range(0, len(x), BLOCK)] for x in kl[base]])
+    ci = {}
+    for i in keep:
+        num = np.concatenate([block_means(x, BLOCK) for x in kl[i]])
+        ci[i] = (1.0, 1.0) if i == base else tuple(float(x) for x in bootstrap_ratio(num, den, weights=sizes))
+    mean = {i: float(np.concatenate(kl[i]).mean()) for i in keep}
+    wins = [i for i in keep[:-1] if ci[i][1] < 1.0 and probe[i] >= probe[base]]
+    best = min(wins, key=lambda i: mean[i]) if wins else base
+    return RatioMeasurement(
+        ratio=float(rs[best]), adopted=best != base, n_pin=n_pin,
+        pins_adopted=bool(n_pin) and probe[base] >= no_pins, budget=float(budget), context=n_tok,
+        ratios=tuple(float(rs[i]) for i in keep), retrieval_heads=tuple(int(maps[i].sum()) for i in keep),
+        windows=tuple(int(windows[i]) for i in keep), kld=tuple(mean[i] for i in keep),
+        top1=tuple(float(np.concatenate(t1[i]).mean()) for i in keep), kld_ratio_95=tuple(ci[i] for i in keep),
+        probe=tuple(probe[i] for i in keep), n_probes=len(probes), probe_no_pins=no_pins,
+        n_positions=int(sum(len(x) for x in kl[base])))
+
+
+def adopted_map(m: RatioMeasurement, echo: np.ndarray, induction: np.ndarray, head_map: np.ndarray,
+                echo_ratio: float, local_layers: Sequence[bool] | None = None) -> np.ndarray:
+    """The head map the measurement makes the model's: the adopted ratio's selection, else the stored map."""
+    return select_ratio(echo, induction, m.ratio, echo_ratio, local_layers) if m.adopted else np.asarray(head_map)
+
+
+def passes(n_ratios: int, n_chunks: int, n_probes: int, n_pin: int) -> int:
+    """The forwards measure_ratios reports to `progress` (one per chunk or probe read)."""
+    return n_chunks * (1 + n_ratios) + n_probes * n_ratios + (n_probes if n_pin else 0)

@@ -1,0 +1,186 @@
+"""The retrieval ratio measured in the reference pass (razor_gguf.ratios, `embed-heads --ratios`) and its way into
+the GGUF and the razor cache: the head map it adopts, the pins it makes the default, what inspect says."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import razor_gguf  # noqa: E402,F401  (before llama_cpp)
+from razor_gguf.ratios import RatioMeasurement, candidates, select_ratio  # noqa: E402
+
+
+def test_candidates_are_below_the_selection():
+    assert candidates(0.156) == [0.05, 0.1, 0.156]
+    assert candidates(0.08) == [0.05, 0.08]
+    assert candidates(0.05) == [0.05]  # nothing below: the selection alone
+
+
+def test_a_ratio_selects_the_heads_llama_cpp_selects(smollm2_razor):
+    """select_ratio is llama.cpp's razor.retrieval_ratio override (the map a measured ratio is written as is the
+    map a user asking for that ratio at load time gets)."""
+    from razor_gguf import Llama, _native
+
+    path, info, *_ = smollm2_razor
+    echo, ind = np.array(info["echo_scores"]), np.array(info["induction_scores"])
+    e = info["provenance"]["selection.echo_ratio"]
+    for r in (0.05, 0.1, 0.3):
+        llm = Llama(model_path=str(path), n_ctx=512, retrieval_ratio=r, verbose=False)
+        try:
+            got = np.array(_native.head_map(llm._ctx.ctx)).reshape(echo.shape)
+        finally:
+            llm.close()
+        want = select_ratio(echo, ind, r, e)
+        assert (got == want).all(), r
+        assert want.sum() == pytest.approx(r * echo.size, abs=1.01)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    from razor_gguf.reference import ReferenceModel
+
+    return ReferenceModel(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_short(smollm2_path, smollm2_razor, reference):
+    """The measurement run short on SmolLM2 (its stored map against 5%, one chunk of 640 tokens, 2 probes, 16 pins):
+    the machinery, not the model's numbers (embed-heads --ratios measures those)."""
+    from razor_gguf import Llama
+    from razor_gguf.calibration import calibration_chunks
+    from razor_gguf.layer_windows import retrieval_probes
+    from razor_gguf.ratios import measure_ratios
+
+    tok = Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
+    chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), 1, 640)
+    probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos), 2, 640)
+    tok.close()
+    info = smollm2_razor[1]
+    m = reference
+    hm = np.array(info["head_map"])
+    passes = []
+    r = measure_ratios(m, np.array(info["echo_scores"]), np.array(info["induction_scores"]), hm,
+                       info["provenance"]["selection.echo_ratio"], chunks, probes, n_sink=4, compensation=False,
+                       ratios=(0.05,), n_pin=16, progress=lambda: passes.append(1))
+    return r, hm, len(passes), info
+
+
+def test_measurement_machinery(smollm2_short):
+    from razor_gguf.calibration import window_for_budget
+    from razor_gguf.ratios import passes
+
+    r, hm, n_passes, info = smollm2_short
+    stored = hm.sum() / hm.size
+    assert r.ratios == pytest.approx((0.05, stored)) and r.retrieval_heads[-1] == hm.sum()
+    assert r.retrieval_heads[0] < r.retrieval_heads[1]
+    assert n_passes == passes(2, 1, 2, 16)
+    # every candidate spends the same memory: the budget's window at its head count, less the pins' rows
+    five = select_ratio(np.array(info["echo_scores"]), np.array(info["induction_scores"]), 0.05, 0.01)
+    assert r.windows == (window_for_budget(0.35, five, 640, 4) - 16, window_for_budget(0.35, hm, 640, 4) - 16)
+    assert r.windows[0] > r.windows[1] and r.n_pin == 16 and r.context == 640
+    assert r.n_positions == 640 - 4 - r.windows[-1]  # from where the shortest window evicts
+    assert r.kld_ratio_95[-1] == (1.0, 1.0) and all(k > 0 for k in r.kld)
+    # the interval brackets the ratio of means (of block means: near it)
+    assert r.kld_ratio_95[0][0] - 0.05 <= r.kld[0] / r.kld[-1] <= r.kld_ratio_95[0][1] + 0.05
+    wins = [i for i in range(1) if r.kld_ratio_95[i][1] < 1 and r.probe[i] >= r.probe[-1]]
+    assert r.adopted == bool(wins)
+    if wins:
+        assert r.ratio == r.ratios[min(wins, key=lambda i: r.kld[i])]
+    else:
+        assert r.ratio == pytest.approx(stored)
+    assert r.n_probes == 2 and all(0 <= a <= 2 for a in (*r.probe, r.probe_no_pins))
+    assert r.pins_adopted == (r.probe[-1] >= r.probe_no_pins)
+    assert all(0.5 < t <= 1 for t in r.top1)
+
+
+def test_without_pins_where_the_row_is_on(smollm2_path, smollm2_razor, reference):
+    """Pins need the row off: with the row on every candidate runs without them and none become the default."""
+    from razor_gguf import Llama
+    from razor_gguf.calibration import calibration_chunks
+    from razor_gguf.ratios import measure_ratios
+
+    tok = Llama(model_path=smollm2_path, vocab_only=True, verbose=False)
+    chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), 1, 512)
+    tok.close()
+    info = smollm2_razor[1]
+    r = measure_ratios(reference, np.array(info["echo_scores"]), np.array(info["induction_scores"]),
+                       np.array(info["head_map"]), 0.01, chunks, [], n_sink=4, compensation=True, ratios=(0.1,))
+    assert r.n_pin == 0 and not r.pins_adopted and r.probe == (0, 0) and len(r.ratios) == 2
+    with pytest.raises(ValueError, match="exceed a budget of 0.1"):
+        measure_ratios(reference, np.array(info["echo_scores"]),
+                       np.array(info["induction_scores"]), np.array(info["head_map"]), 0.01, chunks, [], n_sink=4,
+                       compensation=True, budget=0.1)
+
+
+def _measurement(**kw):
+    base = dict(ratio=0.05, adopted=True, n_pin=64, pins_adopted=True, budget=0.35, context=2048,
+                ratios=(0.05, 0.1, 0.156), retrieval_heads=(5, 9, 14), windows=(570, 508, 403),
+                kld=(0.01, 0.012, 0.015), top1=(0.95, 0.94, 0.93), kld_ratio_95=((0.6, 0.8), (0.7, 0.9), (1.0, 1.0)),
+                probe=(5, 5, 4), n_probes=8, probe_no_pins=4, n_positions=3200)
+    return RatioMeasurement(**{**base, **kw})
+
+
+def test_adopted_ratio_and_pins_reach_llama_cpp(smollm2_path, smollm2_razor, tmp_path):
+    """An adopted ratio is written as the head map itself (and the selection ratios that give it), its pins as
+    razor.n_pin, its measurement as provenance; llama.cpp then runs that map and pins by default, and the
+    compensation row asked for turns the pins off instead of failing the load."""
+    import dataclasses
+
+    from razor_gguf import Llama, _native
+    from razor_gguf.calibration import CompensationMeasurement
+    from razor_gguf.embed import _summary_from_kv, _with_ratio, format_summary
+    from razor_gguf.metadata import build_razor_kv, open_gguf, write_with_razor
+    from razor_gguf.reference import read_hparams
+    from razor_gguf.scoring import score_model
+
+    scores = score_model(smollm2_path, probe_len=8)
+    hp = read_hparams(open_gguf(smollm2_path))
+    m = _measurement()
+    adopted = _with_ratio(scores, m, hp)
+    want = select_ratio(scores.echo, scores.induction, 0.05, scores.provenance["echo_ratio"])
+    assert (adopted.head_map == want).all() and scores.head_map.sum() > want.sum()
+    assert adopted.provenance["induction_ratio"] == pytest.approx(0.04)
+    row_off = CompensationMeasurement(compensation=False, kld_compensation=0.02, kld_no_compensation=0.01, window=256,
+                                      n_sink=4, n_tokens=3000)  # pins come only with the row off
+    kv = build_razor_kv(adopted, n_sink=4, window=256, source_name="x", source_sha256="0", tool_version="t",
+                        calibration=row_off, ratios=m)
+    out = tmp_path / "ratio.gguf"
+    write_with_razor(open_gguf(smollm2_path), str(out), kv, lambda n: None)
+    info = _summary_from_kv(kv)
+    assert info["n_pin"] == 64 and info["retrieval_count"] == want.sum()
+    text = format_summary(info, detail=False)
+    assert f"adopted: {want.sum()} retrieval heads; 64 pins on by default (razor.n_pin)" in text
+    assert "5% (5 heads, W 570): KLD 0.0100 (x0.60-0.80), top-1 95.0%, probe 5/8" in text
+
+    llm = Llama(model_path=str(out), n_ctx=2048, n_batch=64, verbose=False)
+    try:
+        st = llm.razor_stats()
+        assert st["pins"] == 64 and st["retrieval_heads"] == want.sum()
+        assert (np.array(_native.head_map(llm._ctx.ctx)).reshape(want.shape) == want).all()
+    finally:
+        llm.close()
+    llm = Llama(model_path=str(out), n_ctx=2048, n_batch=64, compensation=True, verbose=False)
+    try:
+        assert llm.razor_stats()["pins"] == 0 and llm.razor_stats()["compensation"] is True
+    finally:
+        llm.close()
+
+    # not adopted: the selection's map, no pins, the measurement as provenance only
+    kept = dataclasses.replace(m, adopted=False, ratio=0.156, pins_adopted=False)
+    kv = build_razor_kv(scores, n_sink=4, window=256, source_name="x", source_sha256="0", tool_version="t",
+                        ratios=kept)
+    assert "razor.n_pin" not in kv and "razor.calibration.ratio_kld" in kv
+    text = format_summary(_summary_from_kv(kv), detail=False)
+    assert "the selection's ratio kept; 64 pins not adopted: the selection's probe 4/8 with them, 4/8 without" in text
+
+
+def test_ratios_need_the_calibration(smollm2_path, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "-o", str(tmp_path / "o.gguf"),
+                        "--ratios", "--no-calibration"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "razor-gguf: error: --ratios needs the calibration (drop --no-calibration)"] and not (tmp_path / "o.gguf").exists()
