@@ -31,6 +31,29 @@ def calibration_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+# Prose-rich stdlib modules outside razor_gguf.niah.MODULES (the evaluation's haystack): the text the retrieval
+# ratio is measured on (razor_gguf.ratios). A few docstrings inherited from shared base classes (exceptions, io,
+# enum) read the same in both (under 2% of the lines).
+PROSE_MODULES = (
+    "os", "re", "io", "doctest", "pdb", "urllib.parse", "multiprocessing", "concurrent.futures", "selectors", "ssl",
+    "zipapp", "venv", "trace", "timeit", "pstats", "wave", "codecs", "locale", "gettext", "shelve", "numbers", "abc",
+    "weakref", "types", "operator", "warnings", "importlib", "pkgutil", "runpy", "ast", "dis", "tokenize", "glob",
+    "fnmatch", "filecmp", "fileinput", "signal", "hashlib", "hmac", "secrets", "uuid", "ipaddress", "mimetypes",
+    "base64", "html.parser", "xml.etree.ElementTree", "webbrowser", "xmlrpc.client", "poplib", "getopt",
+    "http.server", "http.cookiejar", "email.utils", "email.parser", "logging.handlers", "unittest.mock", "zoneinfo",
+    "graphlib", "tomllib", "struct", "array", "sysconfig", "platform", "plistlib", "netrc", "shlex", "cmd", "code",
+    "codeop", "modulefinder", "compileall", "py_compile", "bdb", "faulthandler", "tracemalloc", "symtable", "keyword",
+    "linecache", "reprlib", "colorsys")
+PROSE_SOURCE = "stdlib docstrings (razor_gguf.calibration.PROSE_MODULES)"
+
+
+def prose_text() -> str:
+    """Prose from the docstrings of PROSE_MODULES, in a fixed order (razor_gguf.niah's filter)."""
+    from .niah import haystack_text
+
+    return haystack_text(PROSE_MODULES)
+
+
 def calibration_chunks(tokenize: Callable[[str], Sequence[int]], n_chunks: int, n_tokens: int) -> list[list[int]]:
     """n_chunks disjoint pieces of n_tokens calibration tokens each (BOS handled by `tokenize`)."""
     toks = list(tokenize(calibration_text()))
@@ -150,20 +173,39 @@ def pin_record_policy(hp, head_map: np.ndarray, n_sink: int, window: int, n_prom
     return attention
 
 
+def _first_read(model, toks: list[int], head_map: np.ndarray, n_sink: int, window: int, n_pin: int, n_prompt: int,
+                **forward):
+    """The first read of a prompt with pins: (its forward's output, the pins it chooses)."""
+    from .pins import select_pins
+
+    scores: list = []
+    out = model.forward(toks, attention=pin_record_policy(model.hp, head_map, n_sink, window, n_prompt, scores),
+                        **forward)
+    return out, (select_pins(sum(scores).double().numpy(), n_pin, n_sink, n_prompt - window) if scores else [])
+
+
 def choose_pins(model, tokens: Sequence[int], head_map: np.ndarray, *, n_sink: int, window: int, n_pin: int) -> list[int]:
     """The pins razor_gguf.Llama chooses for a prompt, in the reference pass: a first read under razor (no row)
     records the retrieval heads' attention from the prompt's last tokens (pin_record_policy); the pins are the
     n_pin positions with the highest max-pooled score among those that leave the window by the prompt's end
     (razor_gguf.pins.select_pins). Read the prompt again with razor_policy(..., pins=...) to use them."""
-    from .pins import select_pins
+    head_map = np.asarray(head_map).reshape(model.hp.n_layer, -1)
+    return _first_read(model, list(tokens), head_map, n_sink, window, n_pin, len(tokens))[1]
 
-    hp = model.hp
-    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
-    scores: list = []
-    model.forward(list(tokens), attention=pin_record_policy(hp, head_map, n_sink, window, len(tokens), scores))
-    if not scores:
-        return []
-    return select_pins(sum(scores).double().numpy(), n_pin, n_sink, len(tokens) - window)
+
+def pinned_reads(model, tokens: Sequence[int], head_map: np.ndarray, *, n_sink: int, window: int, n_pin: int,
+                 n_prompt: int | None = None, logits_from: int = 0):
+    """A prompt read twice as razor_gguf.Llama reads it with pins (choose_pins, then razor_policy with them), the
+    first read's logits kept too: razor without pins at no extra forward. tokens: the prompt, optionally followed
+    by teacher-forced tokens (n_prompt: the prompt's length, default all of tokens), which do not change the pins.
+    Returns (first read's logits, second read's logits, pins); logits [len(tokens) - logits_from, n_vocab]."""
+    head_map = np.asarray(head_map).reshape(model.hp.n_layer, -1)
+    toks = list(tokens)
+    first, pins = _first_read(model, toks, head_map, n_sink, window, n_pin, len(toks) if n_prompt is None else n_prompt,
+                              want_logits="all", logits_from=logits_from)
+    second = model.forward(toks, want_logits="all", logits_from=logits_from,
+                           attention=razor_policy(model.hp, head_map, n_sink, window, False, pins))
+    return first.numpy(), second.numpy(), pins
 
 
 @dataclass(frozen=True)

@@ -142,10 +142,10 @@ def embed_heads(
             progress=lambda il: bar.update(1),
             model=model,
         )
-    calibration, budgets, windows, measured_ratios = (_calibrate(input, model, scores, n_sink, window, layer_windows,
-                                                                 ratios) if calibrate else (None, None, None, None))
-    if measured_ratios is not None and measured_ratios.adopted:
-        scores = _with_ratio(scores, measured_ratios, hp)
+    calibration, budgets, windows, measured_ratios = None, None, None, None
+    if calibrate:
+        calibration, budgets, windows, measured_ratios, scores = _calibrate(input, model, scores, n_sink, window,
+                                                                            layer_windows, ratios)
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -181,34 +181,33 @@ def embed_heads(
     return summary
 
 
-def _with_ratio(scores, m, hp):
-    """The scores with the head map of the adopted retrieval ratio (and the selection ratios that give it)."""
+def _with_ratio(scores, m):
+    """The scores with the head map of the adopted retrieval ratio and the selection ratios that give it."""
     import dataclasses
 
-    from .ratios import adopted_map
+    from .ratios import selection_ratios
 
-    e = scores.provenance["echo_ratio"]
-    local = hp.swa_layers if any(hp.swa_layers) else None
-    prov = {**scores.provenance, "induction_ratio": max(0.0, m.ratio - min(e, m.ratio)), "echo_ratio": min(e, m.ratio)}
-    return dataclasses.replace(scores, head_map=adopted_map(m, scores.echo, scores.induction, scores.head_map, e, local),
-                               provenance=prov)
+    ind, echo = selection_ratios(m.ratio, scores.provenance["echo_ratio"])
+    return dataclasses.replace(scores, head_map=m.head_map,
+                               provenance={**scores.provenance, "induction_ratio": ind, "echo_ratio": echo})
 
 
 def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows: bool = False, ratios: bool = False):
     """The measured defaults (razor_gguf.calibration): whether the compensation row helps; then, with that setting,
     (ratios) the retrieval ratio and pins (razor_gguf.ratios), and with the map that gives, the recommended KV
-    budget and (layer_windows) per-layer windows at that budget's window. (None, None, None, None) where there is
-    nothing to measure: no local head (every head of the global layers a retrieval head: razor runs the stock
-    cache), or a context too short to evict anything."""
-    head_map = scores.head_map
+    budget and (layer_windows) per-layer windows at that budget's window. Returns (compensation, budgets, layer
+    windows, ratios, the scores with the adopted map); the measurements are None where there is nothing to
+    measure: no local head (every head of the global layers a retrieval head: razor runs the stock cache), or a
+    context too short to evict anything."""
+    from . import layer_windows as _layer_windows, ratios as _ratios
     from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
                               local_heads, measure_budgets, measure_compensation)
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
-    n_local = local_heads(hp, head_map)
+    n_local = local_heads(hp, scores.head_map)
     if sum(n_local) == 0 or n_tokens < n_sink + window + 256:
-        return None, None, None, None
+        return None, None, None, None, scores
     from . import _native
 
     try:
@@ -221,52 +220,47 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
     n_valid = 2 if layer_windows else 0  # validation chunks: the calibration text past the chunks above
     try:
         chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), DEFAULT_CHUNKS + n_valid, n_tokens)
-        if layer_windows or ratios:
-            from . import ratios as _ratios
-            from .layer_windows import N_PROBES, retrieval_probes
-
-            probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos),
-                                      max(N_PROBES, _ratios.N_PROBES), n_tokens)
+        tokenize = lambda s, bos: tok.tokenize(s.encode(), add_bos=bos)  # noqa: E731
+        probes = _layer_windows.retrieval_probes(tokenize, _layer_windows.N_PROBES, n_tokens) if layer_windows else []
+        needles = (_layer_windows.retrieval_probes(tokenize, _ratios.N_PROBES, n_tokens, n_needles=_ratios.PROBE_NEEDLES)
+                   if ratios else [])
     finally:
         tok.close()
     chunks, valid = chunks[:DEFAULT_CHUNKS], chunks[DEFAULT_CHUNKS:]
     with _bar(3 * len(chunks), "calibrating", unit="pass") as bar:
-        comp = measure_compensation(model, head_map, chunks, n_sink=n_sink, window=window,
+        comp = measure_compensation(model, scores.head_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
     measured_ratios = None
     if ratios:
-        from .ratios import adopted_map, candidates, passes as ratio_passes
-
-        n_cand = len(candidates(float(head_map.mean())))
-        e = scores.provenance["echo_ratio"]
-        with _bar(ratio_passes(n_cand, len(chunks), _ratios.N_PROBES, not comp.compensation), "retrieval ratios",
-                  unit="pass") as bar:
+        n_pin = 0 if comp.compensation else _ratios.N_PIN
+        n_cand = len(_ratios.candidates(float(scores.head_map.mean())))
+        with _bar(_ratios.passes(n_cand, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
             try:
                 measured_ratios = _ratios.measure_ratios(
-                    model, scores.echo, scores.induction, head_map, e, chunks, probes[:_ratios.N_PROBES],
-                    n_sink=n_sink, compensation=comp.compensation, progress=lambda: bar.update(1))
+                    model, scores.echo, scores.induction, scores.head_map, scores.provenance["echo_ratio"], chunks,
+                    needles, n_sink=n_sink, compensation=comp.compensation, n_pin=n_pin,
+                    progress=lambda: bar.update(1))
             except ValueError as ex:
                 raise UserError(f"{path}: {ex}") from None
-        head_map = adopted_map(measured_ratios, scores.echo, scores.induction, head_map, e,
-                               hp.swa_layers if any(hp.swa_layers) else None)
+        if measured_ratios.adopted:
+            scores = _with_ratio(scores, measured_ratios)
     with _bar((1 + len(BUDGET_LADDER)) * len(chunks), "budgets", unit="pass") as bar:
-        budgets = measure_budgets(model, head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
+        budgets = measure_budgets(model, scores.head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
                                   progress=lambda: bar.update(1))
     windows = None
     if layer_windows:
-        from .layer_windows import measure_layer_windows, passes
-
         # at the recommended budget's window (else the recorded window), at the calibration length
         w = budgets.windows[budgets.budgets.index(budgets.kv_budget)] if budgets.kv_budget is not None else window
-        with _bar(passes(sum(n > 0 for n in n_local), len(chunks), len(valid), n_probes=len(probes)), "layer windows",
-                  unit="pass") as bar:
+        n_local = local_heads(hp, scores.head_map)
+        with _bar(_layer_windows.passes(sum(n > 0 for n in n_local), len(chunks), len(valid), n_probes=len(probes)),
+                  "layer windows", unit="pass") as bar:
             try:
-                windows = measure_layer_windows(model, head_map, chunks, valid, n_sink=n_sink, window=w,
-                                                compensation=comp.compensation, probes=probes[:N_PROBES],
-                                                progress=lambda: bar.update(1))
+                windows = _layer_windows.measure_layer_windows(
+                    model, scores.head_map, chunks, valid, n_sink=n_sink, window=w, compensation=comp.compensation,
+                    probes=probes, progress=lambda: bar.update(1))
             except ValueError as e:
                 raise UserError(f"{path}: {e}") from None
-    return comp, budgets, windows, measured_ratios
+    return comp, budgets, windows, measured_ratios, scores
 
 
 def _summary_from_kv(kv: dict) -> dict:
@@ -354,8 +348,10 @@ def _ratio_lines(info: dict) -> list[str]:
                 f"; {pins} pins {'on by default (razor.n_pin)' if p['calibration.ratio_pins_adopted'] else 'not adopted'}"
                 f": the selection's probe {p['calibration.ratio_probe'][-1]}/{n} with them, "
                 f"{p['calibration.ratio_probe_no_pins']}/{n} without")
+    full = f"; the full model's probe {p['calibration.ratio_probe_full']}/{n}" if "calibration.ratio_probe_full" in p else ""
     return [f"retrieval ratio at budget {p['calibration.ratio_budget']:g} ({p['calibration.ratio_context']} tokens, "
-            f"{p['calibration.ratio_tokens']} positions, KLD x its 95% interval against the last): {verdict}{pin_line}",
+            f"{p['calibration.ratio_tokens']} positions, KLD x its 95% interval against the last): {verdict}{pin_line}"
+            f"{full}",
             f"  measured: {cells}"]
 
 
@@ -469,11 +465,11 @@ def add_subcommands(sub) -> None:
                         "adopts at the 0.75 budget loses in llama.cpp, see README")
     e.add_argument("--ratios", action="store_true",
                    help="also measure the retrieval ratio at KV budget 0.35: fewer retrieval heads (5%%, 10%%) against the "
-                        "selection's at equal memory, on next-token KLD over calibration text and a multi-needle probe, "
-                        "with 64 pinned tokens where the compensation row is off; a ratio that wins (KLD 95%% interval "
-                        "below 1, probe not worse) replaces the head map, and the pins become the model's default where "
-                        "they lose no probe (razor-gguf's doors then read each prompt twice); about 86 reference forwards of "
-                        "2048 tokens: an hour on 2 busy CPU cores for SmolLM2")
+                        "selection's at equal memory, on next-token KLD over calibration text and 16 single-needle "
+                        "probes, with 64 pinned tokens where the compensation row is off; a ratio that wins (KLD 95%% "
+                        "interval below 1, probe not worse) replaces the head map, and the pins become the model's "
+                        "default where they lose no probe (razor-gguf's doors then read each prompt twice); about 126 "
+                        "more reference forwards of 2048 tokens: 22 min in all on 2 idle CPU cores for SmolLM2")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")

@@ -70,17 +70,17 @@ def allocation(n_local: Sequence[int], short: set[int], window: int) -> list[int
     return w
 
 
-def retrieval_probes(tokenize: Callable[[str, bool], Sequence[int]], n: int, n_tokens: int, seed: int = 0
-                     ) -> list[tuple[list[int], list[int]]]:
-    """n multi-needle prompts (4 needles, the question naming one) of at most n_tokens tokens in the calibration
-    prose: (prompt tokens with BOS, answer tokens). tokenize(text, add_bos)."""
+def retrieval_probes(tokenize: Callable[[str, bool], Sequence[int]], n: int, n_tokens: int, seed: int = 0,
+                     n_needles: int = 4, haystack: str | None = None) -> list[tuple[list[int], list[int]]]:
+    """n multi-needle prompts (n_needles needles, the question naming one) of at most n_tokens tokens in the
+    calibration prose (or `haystack`): (prompt tokens with BOS, answer tokens). tokenize(text, add_bos)."""
     from . import niah
     from .calibration import calibration_text
 
-    hay = calibration_text()
+    hay = calibration_text() if haystack is None else haystack
     out = []
     for i in range(n):
-        p = niah.multi_trial(lambda t: tokenize(t, True), hay, n_tokens - 8, 4, seed=seed * 1000 + i)
+        p = niah.multi_trial(lambda t: tokenize(t, True), hay, n_tokens - 8, n_needles, seed=seed * 1000 + i)
         out.append((list(tokenize(p.text, True)), list(tokenize(" " + p.answer, False))))
     return out
 

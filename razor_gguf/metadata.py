@@ -124,6 +124,7 @@ def ratios_kv(m) -> dict:
         "razor.calibration.ratio_probe": u32(m.probe),
         "razor.calibration.ratio_probes": (V.UINT32, int(m.n_probes), None),
         "razor.calibration.ratio_probe_no_pins": (V.UINT32, int(m.probe_no_pins), None),
+        "razor.calibration.ratio_probe_full": (V.UINT32, int(m.probe_full), None),
         "razor.calibration.ratio_budget": (V.FLOAT32, float(m.budget), None),
         "razor.calibration.ratio_context": (V.UINT32, int(m.context), None),
         "razor.calibration.ratio_tokens": (V.UINT32, int(m.n_positions), None),

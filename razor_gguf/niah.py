@@ -43,10 +43,10 @@ def _prose(doc: str) -> str:
     return "\n".join(keep)
 
 
-def haystack_text() -> str:
-    """The whole haystack: prose from the docstrings of MODULES, in a fixed order."""
+def haystack_text(modules: Sequence[str] = MODULES) -> str:
+    """The whole haystack: prose from the docstrings of `modules` (the evaluation's: MODULES), in a fixed order."""
     parts = []
-    for name in MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:  # e.g. a Python built without sqlite3

@@ -12,9 +12,11 @@ ratio is measured on the model, not assumed:
 2. next-token KLD against the full model on calibration chunks (razor_gguf.calibration), every candidate over the
    same positions: from the first one the candidate with the most retrieval heads evicts (each chunk read as one
    prompt: its pins chosen from a first read, then read again with them);
-3. a retrieval probe: multi-needle prompts in calibration prose (razor_gguf.layer_windows.retrieval_probes),
+3. a retrieval probe: N_PROBES single-needle prompts in calibration prose (razor_gguf.layer_windows.retrieval_probes),
    answered when the model's top-1 token at every position of the number is the number's (teacher forcing), pins
-   chosen from the prompt as razor_gguf.Llama chooses them;
+   chosen from the prompt as razor_gguf.Llama chooses them; the full model's answers are the probe's ceiling. (A
+   probe of 8 four-needle prompts, the first version, was mostly the model's own limit: on SmolLM2 at 2048 tokens
+   it could not tell 2 answers from 3; 16 single needles separate the ratios: docs/results/ratio-calibration-*);
 4. the stored map's ratio (the selection's, 15% by default) is replaced by the candidate with the lowest KLD whose
    KLD ratio against it has its whole paired block-bootstrap 95% interval below 1 and whose probe answers at least
    as many prompts.
@@ -35,13 +37,15 @@ import numpy as np
 RATIOS = (0.05, 0.1)  # candidates below the selection's own ratio (which is always measured too)
 RATIO_BUDGET = 0.35  # the KV fraction the ratios are compared at (the quality targets' budget)
 N_PIN = 64
-N_PROBES = 8
+N_PROBES = 16
+PROBE_NEEDLES = 1  # one needle: the full model answers nearly every probe, so a miss is the cache's
 BLOCK = 128  # bootstrap block (positions), never across chunks
 
 
 @dataclass(frozen=True)
 class RatioMeasurement:
     ratio: float  # the adopted ratio (the stored map's own when nothing beat it)
+    head_map: np.ndarray  # its map [n_layer, n_head_kv]: the candidate's selection, or the stored map
     adopted: bool  # a candidate replaced the stored map
     n_pin: int  # the pins every candidate ran with (0: none); the model's default only where pins_adopted
     pins_adopted: bool  # the stored map's probe with pins answered at least as many prompts as without
@@ -51,12 +55,21 @@ class RatioMeasurement:
     retrieval_heads: tuple[int, ...]
     windows: tuple[int, ...]
     kld: tuple[float, ...]
+    kld_no_pins: tuple[float, ...] | None  # the same maps' first reads, without pins (None where no pins ran)
     top1: tuple[float, ...]
     kld_ratio_95: tuple[tuple[float, float], ...]  # KLD against the stored map's, paired block bootstrap
     probe: tuple[int, ...]  # probe prompts answered
     n_probes: int
     probe_no_pins: int  # the stored map's probe without pins (= probe[-1] when n_pin is 0)
+    probe_full: int  # the full model's answers: the probe's ceiling (a miss it shares is the model's, not the cache's)
     n_positions: int
+
+
+def selection_ratios(ratio: float, echo_ratio: float) -> tuple[float, float]:
+    """(induction_ratio, echo_ratio) that select `ratio` of the KV heads as llama.cpp's razor.retrieval_ratio
+    override does: the echo share capped at the ratio, induction the rest."""
+    e = min(echo_ratio, ratio)
+    return max(0.0, ratio - e), e
 
 
 def select_ratio(echo: np.ndarray, induction: np.ndarray, ratio: float, echo_ratio: float,
@@ -65,8 +78,8 @@ def select_ratio(echo: np.ndarray, induction: np.ndarray, ratio: float, echo_rat
     heads by induction score, union the top min(echo_ratio, ratio) by echo score."""
     from .scoring import select_heads
 
-    e = min(echo_ratio, ratio)
-    return select_heads(echo, induction, max(0.0, ratio - e), e, list(local_layers) if local_layers else None)
+    return select_heads(echo, induction, *selection_ratios(ratio, echo_ratio),
+                        list(local_layers) if local_layers else None)
 
 
 def candidates(scores_ratio: float, ratios: Sequence[float] = RATIOS) -> list[float]:
@@ -80,7 +93,7 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
                    n_pin: int = N_PIN, progress: Callable[[], None] | None = None) -> RatioMeasurement:
     """The module's measurement. head_map: the stored map (the selection's), measured last; chunks and probes of
     at most the calibration length (the shortest chunk sets the context)."""
-    from .calibration import choose_pins, local_heads, razor_policy, swa_layers, window_for_budget
+    from .calibration import local_heads, pinned_reads, razor_policy, swa_layers, window_for_budget
     from .intervals import block_means, bootstrap_ratio
     from .kld import kl_and_top1
 
@@ -104,40 +117,49 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     if n_tok <= lo + BLOCK:
         raise ValueError(f"retrieval ratios: calibration chunks of {n_tok} tokens evict too little at budget {budget}")
 
-    def tick():
-        if progress:
-            progress()
+    def read(i, toks, n_prompt, logits_from):
+        """Map i's logits with its pins (the prompt read twice), and without them where pins run (else None)."""
+        if n_pin:
+            without, pinned, _ = pinned_reads(model, toks, maps[i], n_sink=n_sink, window=windows[i], n_pin=n_pin,
+                                              n_prompt=n_prompt, logits_from=logits_from)
+            _tick(2)
+            return pinned, without
+        got = model.forward(toks, want_logits="all", logits_from=logits_from,
+                            attention=razor_policy(hp, maps[i], n_sink, windows[i], compensation)).numpy()
+        _tick(1)
+        return got, None
 
-    def policy(i, toks, pins_on=True):
-        pins = (choose_pins(model, toks, maps[i], n_sink=n_sink, window=windows[i], n_pin=n_pin)
-                if n_pin and pins_on else ())
-        return razor_policy(hp, maps[i], n_sink, windows[i], compensation, pins)
+    def _tick(n):
+        for _ in range(n if progress else 0):
+            progress()
 
     kl = {i: [] for i in keep}
     t1 = {i: [] for i in keep}
+    kl_first = {i: [] for i in keep}
     for toks in chunks:
         toks = list(toks[:n_tok])
         full = model.forward(toks, want_logits="all", logits_from=lo).numpy()
-        tick()
+        _tick(1)
         for i in keep:
-            got = model.forward(toks, want_logits="all", logits_from=lo, attention=policy(i, toks)).numpy()
+            got, first = read(i, toks, len(toks), lo)
             d, a = kl_and_top1(full, got)
             kl[i].append(d)
             t1[i].append(a)
-            tick()
+            if first is not None:
+                kl_first[i].append(kl_and_top1(full, first)[0])
 
-    def answered(i, pins_on=True):
-        n = 0
-        for prompt, answer in probes:
-            logits = model.forward(prompt + answer[:-1], want_logits="all", logits_from=len(prompt) - 1,
-                                   attention=policy(i, prompt, pins_on)).numpy()
-            n += bool((logits.argmax(axis=-1) == np.asarray(answer)).all())
-            tick()
-        return n
-
-    probe = {i: answered(i) for i in keep}
+    probe = {i: 0 for i in keep}
+    no_pins = {i: 0 for i in keep}
+    full_answers = 0
+    for prompt, answer in probes:
+        full_answers += _answered(model.forward(prompt + answer[:-1], want_logits="all",
+                                                logits_from=len(prompt) - 1).numpy(), answer)
+        _tick(1)
+        for i in keep:
+            got = read(i, prompt + answer[:-1], len(prompt), len(prompt) - 1)
+            probe[i] += _answered(got[0], answer)
+            no_pins[i] += _answered(got[1], answer) if n_pin else 0
     base = keep[-1]
-    no_pins = answered(base, pins_on=False) if n_pin else probe[base]
     den = np.concatenate([block_means(x, BLOCK) for x in kl[base]])
     sizes = np.concatenate([[len(x[j:j + BLOCK]) for j in range(0, len(x), BLOCK)] for x in kl[base]])
     ci = {}
@@ -148,21 +170,22 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     wins = [i for i in keep[:-1] if ci[i][1] < 1.0 and probe[i] >= probe[base]]
     best = min(wins, key=lambda i: mean[i]) if wins else base
     return RatioMeasurement(
-        ratio=float(rs[best]), adopted=best != base, n_pin=n_pin,
-        pins_adopted=bool(n_pin) and probe[base] >= no_pins, budget=float(budget), context=n_tok,
+        ratio=float(rs[best]), head_map=maps[best], adopted=best != base, n_pin=n_pin,
+        pins_adopted=bool(n_pin) and probe[base] >= no_pins[base], budget=float(budget), context=n_tok,
         ratios=tuple(float(rs[i]) for i in keep), retrieval_heads=tuple(int(maps[i].sum()) for i in keep),
         windows=tuple(int(windows[i]) for i in keep), kld=tuple(mean[i] for i in keep),
+        kld_no_pins=tuple(float(np.concatenate(kl_first[i]).mean()) for i in keep) if n_pin else None,
         top1=tuple(float(np.concatenate(t1[i]).mean()) for i in keep), kld_ratio_95=tuple(ci[i] for i in keep),
-        probe=tuple(probe[i] for i in keep), n_probes=len(probes), probe_no_pins=no_pins,
-        n_positions=int(sum(len(x) for x in kl[base])))
+        probe=tuple(probe[i] for i in keep), n_probes=len(probes),
+        probe_no_pins=no_pins[base] if n_pin else probe[base], probe_full=full_answers, n_positions=int(sum(len(x) for x in kl[base])))
 
 
-def adopted_map(m: RatioMeasurement, echo: np.ndarray, induction: np.ndarray, head_map: np.ndarray,
-                echo_ratio: float, local_layers: Sequence[bool] | None = None) -> np.ndarray:
-    """The head map the measurement makes the model's: the adopted ratio's selection, else the stored map."""
-    return select_ratio(echo, induction, m.ratio, echo_ratio, local_layers) if m.adopted else np.asarray(head_map)
+def _answered(logits: np.ndarray, answer: Sequence[int]) -> bool:
+    """Teacher-forced: the top-1 token at every position of the answer is the answer's."""
+    return bool((logits.argmax(axis=-1) == np.asarray(answer)).all())
 
 
 def passes(n_ratios: int, n_chunks: int, n_probes: int, n_pin: int) -> int:
-    """The forwards measure_ratios reports to `progress` (one per chunk or probe read)."""
-    return n_chunks * (1 + n_ratios) + n_probes * n_ratios + (n_probes if n_pin else 0)
+    """The forwards measure_ratios reports to `progress` (one per chunk or probe read; two where pins run)."""
+    reads = 2 if n_pin else 1
+    return n_chunks * (1 + n_ratios * reads) + n_probes * (1 + n_ratios * reads)

@@ -93,8 +93,11 @@ def test_measurement_machinery(smollm2_short):
         assert r.ratio == r.ratios[min(wins, key=lambda i: r.kld[i])]
     else:
         assert r.ratio == pytest.approx(stored)
+    assert (r.head_map == (five if r.adopted else hm)).all()
+    # each map's first read (the pins' record) is razor without pins: its KLD measured at no extra forward
+    assert len(r.kld_no_pins) == 2 and all(k > 0 for k in r.kld_no_pins) and r.kld_no_pins != r.kld
     assert r.n_probes == 2 and all(0 <= a <= 2 for a in (*r.probe, r.probe_no_pins))
-    assert r.pins_adopted == (r.probe[-1] >= r.probe_no_pins)
+    assert r.pins_adopted == (r.probe[-1] >= r.probe_no_pins) and 0 <= r.probe_full <= 2
     assert all(0.5 < t <= 1 for t in r.top1)
 
 
@@ -111,6 +114,7 @@ def test_without_pins_where_the_row_is_on(smollm2_path, smollm2_razor, reference
     r = measure_ratios(reference, np.array(info["echo_scores"]), np.array(info["induction_scores"]),
                        np.array(info["head_map"]), 0.01, chunks, [], n_sink=4, compensation=True, ratios=(0.1,))
     assert r.n_pin == 0 and not r.pins_adopted and r.probe == (0, 0) and len(r.ratios) == 2
+    assert r.kld_no_pins is None
     with pytest.raises(ValueError, match="exceed a budget of 0.1"):
         measure_ratios(reference, np.array(info["echo_scores"]),
                        np.array(info["induction_scores"]), np.array(info["head_map"]), 0.01, chunks, [], n_sink=4,
@@ -118,10 +122,12 @@ def test_without_pins_where_the_row_is_on(smollm2_path, smollm2_razor, reference
 
 
 def _measurement(**kw):
-    base = dict(ratio=0.05, adopted=True, n_pin=64, pins_adopted=True, budget=0.35, context=2048,
+    base = dict(ratio=0.05, head_map=np.zeros((30, 3), dtype=np.int32), adopted=True, n_pin=64,
+                pins_adopted=True, budget=0.35, context=2048,
                 ratios=(0.05, 0.1, 0.156), retrieval_heads=(5, 9, 14), windows=(570, 508, 403),
-                kld=(0.01, 0.012, 0.015), top1=(0.95, 0.94, 0.93), kld_ratio_95=((0.6, 0.8), (0.7, 0.9), (1.0, 1.0)),
-                probe=(5, 5, 4), n_probes=8, probe_no_pins=4, n_positions=3200)
+                kld=(0.01, 0.012, 0.015), kld_no_pins=(0.011, 0.012, 0.016), top1=(0.95, 0.94, 0.93), kld_ratio_95=((0.6, 0.8), (0.7, 0.9), (1.0, 1.0)),
+                probe=(5, 5, 4), n_probes=8, probe_no_pins=4, probe_full=7,
+                n_positions=3200)
     return RatioMeasurement(**{**base, **kw})
 
 
@@ -135,14 +141,12 @@ def test_adopted_ratio_and_pins_reach_llama_cpp(smollm2_path, smollm2_razor, tmp
     from razor_gguf.calibration import CompensationMeasurement
     from razor_gguf.embed import _summary_from_kv, _with_ratio, format_summary
     from razor_gguf.metadata import build_razor_kv, open_gguf, write_with_razor
-    from razor_gguf.reference import read_hparams
     from razor_gguf.scoring import score_model
 
     scores = score_model(smollm2_path, probe_len=8)
-    hp = read_hparams(open_gguf(smollm2_path))
-    m = _measurement()
-    adopted = _with_ratio(scores, m, hp)
     want = select_ratio(scores.echo, scores.induction, 0.05, scores.provenance["echo_ratio"])
+    m = _measurement(head_map=want)
+    adopted = _with_ratio(scores, m)
     assert (adopted.head_map == want).all() and scores.head_map.sum() > want.sum()
     assert adopted.provenance["induction_ratio"] == pytest.approx(0.04)
     row_off = CompensationMeasurement(compensation=False, kld_compensation=0.02, kld_no_compensation=0.01, window=256,
@@ -176,7 +180,8 @@ def test_adopted_ratio_and_pins_reach_llama_cpp(smollm2_path, smollm2_razor, tmp
                         ratios=kept)
     assert "razor.n_pin" not in kv and "razor.calibration.ratio_kld" in kv
     text = format_summary(_summary_from_kv(kv), detail=False)
-    assert "the selection's ratio kept; 64 pins not adopted: the selection's probe 4/8 with them, 4/8 without" in text
+    assert ("the selection's ratio kept; 64 pins not adopted: the selection's probe 4/8 with them, 4/8 without; "
+            "the full model's probe 7/8") in text
 
 
 def test_ratios_need_the_calibration(smollm2_path, tmp_path):

@@ -73,7 +73,7 @@ PLANS = {
     "fewer-heads-pins": dict(tasks=TASKS, lengths=(4096, 8192), budgets=(0.35,),
                              methods=("razor_r0.05", "razor_pins_r0.05", "razor_pins_r0.1"), n=20),
     "fewer-heads-pins-kld": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,),
-                                 methods=("razor_pins_r0.05",), n=1),
+                                 methods=("razor_pins_r0.05", "razor_pins_r0.1"), n=1),
     # per-layer windows (razor.layer_window_scale) against one uniform window at the same budget
     "layer-windows": dict(tasks=("kld",), lengths=(4096, 8192), budgets=(0.35,), methods=("razor", "razor_uniform"),
                           n=1),

@@ -75,9 +75,14 @@ if [[ $what == all || $what == eval ]]; then
     --plan fewer-heads-pins-kld
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-fewer-heads.json" \
     --plan fewer-heads-pins --ctx 8192 --task mniah --method razor_pins_r0.05
-  # the measured retrieval ratio and pins (embed-heads --ratios: about an hour on 2 cores)
+  # the measured retrieval ratio and pins (embed-heads --ratios: about 25 minutes on 2 idle cores)
   $RG embed-heads "$SMOL" -o "$OUT/.smollm2-ratios.gguf" --ratios --json > "$OUT/ratios-smollm2.json"
   rm -f "$OUT/.smollm2-ratios.gguf"
+  # what --ratios decides on other calibration texts, lengths and probes (about 55 minutes)
+  RC=(.venv/bin/python tools/ratio_calibration.py "$SMOL_R" --out "$OUT/ratio-calibration-smollm2.json")
+  "${RC[@]}" --cell pydoc:2048:mniah4
+  "${RC[@]}" --probes 0 --cell docstrings:2048:mniah4 --cell pydoc:4096:mniah4 --cell docstrings:4096:mniah4
+  "${RC[@]}" --probes 16 --cell pydoc:2048:needle1
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
 fi
