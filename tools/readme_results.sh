@@ -78,6 +78,9 @@ if [[ $what == all || $what == eval ]]; then
   # the measured retrieval ratio and pins (embed-heads --ratios: about 25 minutes on 2 idle cores)
   $RG embed-heads "$SMOL" -o "$OUT/.smollm2-ratios.gguf" --ratios --json > "$OUT/ratios-smollm2.json"
   rm -f "$OUT/.smollm2-ratios.gguf"
+  # prose with 10% heads and 64 pins (--ratios' choice for SmolLM2; about 6 minutes)
+  .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-r10.json" \
+    --plan fewer-heads-pins-kld --method razor_pins_r0.1
   # what --ratios decides on other calibration texts, lengths and probes (about 55 minutes)
   RC=(.venv/bin/python tools/ratio_calibration.py "$SMOL_R" --out "$OUT/ratio-calibration-smollm2.json")
   "${RC[@]}" --cell pydoc:2048:mniah4
