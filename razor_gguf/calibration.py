@@ -44,7 +44,6 @@ PROSE_MODULES = (
     "graphlib", "tomllib", "struct", "array", "sysconfig", "platform", "plistlib", "netrc", "shlex", "cmd", "code",
     "codeop", "modulefinder", "compileall", "py_compile", "bdb", "faulthandler", "tracemalloc", "symtable", "keyword",
     "linecache", "reprlib", "colorsys")
-PROSE_SOURCE = "stdlib docstrings (razor_gguf.calibration.PROSE_MODULES)"
 
 
 def prose_text() -> str:
@@ -54,9 +53,11 @@ def prose_text() -> str:
     return haystack_text(PROSE_MODULES)
 
 
-def calibration_chunks(tokenize: Callable[[str], Sequence[int]], n_chunks: int, n_tokens: int) -> list[list[int]]:
-    """n_chunks disjoint pieces of n_tokens calibration tokens each (BOS handled by `tokenize`)."""
-    toks = list(tokenize(calibration_text()))
+def calibration_chunks(tokenize: Callable[[str], Sequence[int]], n_chunks: int, n_tokens: int,
+                       text: str | None = None) -> list[list[int]]:
+    """n_chunks disjoint pieces of n_tokens tokens each of the calibration text (or `text`; BOS handled by
+    `tokenize`)."""
+    toks = list(tokenize(calibration_text() if text is None else text))
     if len(toks) < n_chunks * n_tokens:
         raise ValueError(f"calibration text has {len(toks)} tokens, fewer than {n_chunks} x {n_tokens}")
     return [toks[i * n_tokens:(i + 1) * n_tokens] for i in range(n_chunks)]

@@ -117,21 +117,21 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     if n_tok <= lo + BLOCK:
         raise ValueError(f"retrieval ratios: calibration chunks of {n_tok} tokens evict too little at budget {budget}")
 
+    def tick(n):
+        for _ in range(n if progress else 0):
+            progress()
+
     def read(i, toks, n_prompt, logits_from):
         """Map i's logits with its pins (the prompt read twice), and without them where pins run (else None)."""
         if n_pin:
             without, pinned, _ = pinned_reads(model, toks, maps[i], n_sink=n_sink, window=windows[i], n_pin=n_pin,
                                               n_prompt=n_prompt, logits_from=logits_from)
-            _tick(2)
+            tick(2)
             return pinned, without
         got = model.forward(toks, want_logits="all", logits_from=logits_from,
                             attention=razor_policy(hp, maps[i], n_sink, windows[i], compensation)).numpy()
-        _tick(1)
+        tick(1)
         return got, None
-
-    def _tick(n):
-        for _ in range(n if progress else 0):
-            progress()
 
     kl = {i: [] for i in keep}
     t1 = {i: [] for i in keep}
@@ -139,7 +139,7 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     for toks in chunks:
         toks = list(toks[:n_tok])
         full = model.forward(toks, want_logits="all", logits_from=lo).numpy()
-        _tick(1)
+        tick(1)
         for i in keep:
             got, first = read(i, toks, len(toks), lo)
             d, a = kl_and_top1(full, got)
@@ -154,7 +154,7 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     for prompt, answer in probes:
         full_answers += _answered(model.forward(prompt + answer[:-1], want_logits="all",
                                                 logits_from=len(prompt) - 1).numpy(), answer)
-        _tick(1)
+        tick(1)
         for i in keep:
             got = read(i, prompt + answer[:-1], len(prompt), len(prompt) - 1)
             probe[i] += _answered(got[0], answer)
@@ -177,7 +177,8 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
         kld_no_pins=tuple(float(np.concatenate(kl_first[i]).mean()) for i in keep) if n_pin else None,
         top1=tuple(float(np.concatenate(t1[i]).mean()) for i in keep), kld_ratio_95=tuple(ci[i] for i in keep),
         probe=tuple(probe[i] for i in keep), n_probes=len(probes),
-        probe_no_pins=no_pins[base] if n_pin else probe[base], probe_full=full_answers, n_positions=int(sum(len(x) for x in kl[base])))
+        probe_no_pins=no_pins[base] if n_pin else probe[base], probe_full=full_answers,
+        n_positions=int(sum(len(x) for x in kl[base])))
 
 
 def _answered(logits: np.ndarray, answer: Sequence[int]) -> bool:

@@ -125,9 +125,9 @@ def _measurement(**kw):
     base = dict(ratio=0.05, head_map=np.zeros((30, 3), dtype=np.int32), adopted=True, n_pin=64,
                 pins_adopted=True, budget=0.35, context=2048,
                 ratios=(0.05, 0.1, 0.156), retrieval_heads=(5, 9, 14), windows=(570, 508, 403),
-                kld=(0.01, 0.012, 0.015), kld_no_pins=(0.011, 0.012, 0.016), top1=(0.95, 0.94, 0.93), kld_ratio_95=((0.6, 0.8), (0.7, 0.9), (1.0, 1.0)),
-                probe=(5, 5, 4), n_probes=8, probe_no_pins=4, probe_full=7,
-                n_positions=3200)
+                kld=(0.01, 0.012, 0.015), kld_no_pins=(0.011, 0.012, 0.016), top1=(0.95, 0.94, 0.93),
+                kld_ratio_95=((0.6, 0.8), (0.7, 0.9), (1.0, 1.0)), probe=(5, 5, 4), n_probes=8, probe_no_pins=4,
+                probe_full=7, n_positions=3200)
     return RatioMeasurement(**{**base, **kw})
 
 

@@ -4,8 +4,7 @@
 The measurement of razor_gguf.ratios (each candidate ratio against the selection's map at budget 0.35, 64 pins
 where the row is off) on a model's stored scores, per cell: a calibration text (`pydoc`: the Python reference
 manual embed-heads calibrates the row and the budget on; `docstrings`: prose from docstrings of stdlib modules the
-evaluation never reads, razor_gguf.calibration.prose_text), a
-chunk length, and a probe (`mniah4`: 4 needles, the question naming one; `needle1`: one needle). Each finished
+evaluation never reads, razor_gguf.calibration.prose_text), a chunk length, and a probe (`mniah4`: 4 needles, the question naming one; `needle1`: one needle). Each finished
 cell is appended to the JSON (`--out`), so a run resumes; the wall time per cell is recorded.
 
     python tools/ratio_calibration.py MODEL.razor.gguf --out docs/results/ratio-calibration-smollm2.json \\
@@ -59,6 +58,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from razor_gguf import Llama
+    from razor_gguf.calibration import calibration_chunks
     from razor_gguf.layer_windows import retrieval_probes
     from razor_gguf.metadata import open_gguf, read_razor
     from razor_gguf.ratios import measure_ratios
@@ -74,11 +74,11 @@ def main() -> int:
             print(f"{key}: done already", file=sys.stderr)
             continue
         hay = text(source)
-        toks = tok.tokenize(hay.encode(), add_bos=True)
-        if len(toks) < a.chunks * length:
-            print(f"{source}: {len(toks)} tokens, fewer than {a.chunks} x {length}", file=sys.stderr)
+        try:
+            chunks = calibration_chunks(lambda t: tok.tokenize(t.encode(), add_bos=True), a.chunks, length, hay)
+        except ValueError as e:
+            print(f"{source}: {e}", file=sys.stderr)
             return 2
-        chunks = [toks[i * length:(i + 1) * length] for i in range(a.chunks)]
         probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos), a.probes, length,
                                   n_needles=PROBES[probe], haystack=hay)
         t0 = time.perf_counter()
