@@ -15,6 +15,15 @@ from razor_gguf.intervals import block_means, bootstrap_ratio, sign_test, wilson
 TOOL = pathlib.Path(__file__).parents[1] / "tools" / "evidence.py"
 
 
+def _load_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evidence_tool", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tokenize(text: str) -> list[int]:  # one token per word
     return list(range(len(text.split())))
 
@@ -142,6 +151,31 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
     # streaming against razor, paired on the prompts both ran
     assert "- passkey 512, budget 0.6: streaming" in r.stdout and "discordant (sign test p = " in r.stdout
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+    # a run of another model file (re-embedded: another sha256) without references takes them from this one,
+    # marked with their file, and pairs on the prompts both ran
+    store = json.loads(out.read_text())
+    alone = tmp_path / "razor-only.json"
+    alone.write_text(json.dumps({**store, "model_sha256": "1" * 64, "cells": {
+        k: c for k, c in store["cells"].items() if c["method"] not in ("full", "streaming")}}))
+    r = _run("report", str(alone), "--ref", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| 512 | - | full (ev.json) | 1.000 |" in r.stdout and "| 512 | 0.6 | streaming (ev.json) |" in r.stdout
+    assert "- passkey 512, budget 0.6: streaming" in r.stdout
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**store, "settings": {**store["settings"], "n_needles": 3}}))
+    r = _run("report", str(alone), "--ref", str(other))
+    assert r.returncode == 2 and "other settings" in r.stderr and "Traceback" not in r.stderr
+    r = _run("report", str(alone), "--ref", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+    # identical prompts are recognised across cells; another task's, or a prompt the other lacks, are not
+    ev = _load_tool()
+    cells = store["cells"]
+    assert ev.same_prompts(cells["mniah/512/razor/0.6"], cells["mniah/512/full"])
+    assert not ev.same_prompts(cells["mniah/512/razor/0.6"], cells["passkey/512/full"])
+    assert not ev.same_prompts(cells["passkey/512/razor/0.6"], cells["passkey/512/full"])  # 4 prompts against 3
+    assert ev.same_prompts(cells["kld/512/razor/0.6"], cells["kld/512/streaming/0.6"])
 
 
 def test_evidence_refuses_another_model(smollm2_path, tmp_path):

@@ -8,7 +8,7 @@ passkey, multi-needle NIAH and next-token KLD, run in cells that a JSON file acc
 A cell is (task, prompt length, method, KV budget). Prompt i of a cell is the same text for every method and
 budget (its seed is (task, length, i)), so methods are compared on the same prompts, and a cell asked for more
 prompts than it holds runs only the missing ones: a run stopped at any point (Ctrl-C, --max-minutes) keeps
-every finished cell, and the next run goes on from there. Each cell records its wall time and the machine.
+every finished prompt, and the next run goes on from there. Each cell records its wall time and the machine.
 
 Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the largest window that fits it):
   full         the stock cache;
@@ -209,8 +209,9 @@ def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
             "ring_windows": [w for w, _ in st.get("rings") or []]}
 
 
-def run_retrieval_cell(store, key, task, length, method, budget, n, args, haystack) -> float:
-    """Runs the prompts a cell is missing up to n; returns the seconds spent."""
+def run_retrieval_cell(store, key, task, length, method, budget, n, args, haystack, save=lambda: None) -> float:
+    """Runs the prompts a cell is missing up to n, recording the cell and calling save() after each (an 8k
+    cell takes hours on 2 cores: a run stopped inside one keeps its finished prompts); returns the seconds spent."""
     cell = store["cells"].get(key)
     done = {p["i"] for p in cell["prompts"]} if cell and cell.get("supported") else set()
     todo = [i for i in range(n) if i not in done]
@@ -235,17 +236,18 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
             if args.progress:
                 print(f"  {key} #{i}: {'ok ' if prompts[-1]['correct'] else 'MISS'} {answer[:30]!r}",
                       file=sys.stderr)
+            prompts.sort(key=lambda p: p["i"])
+            k = sum(p["correct"] for p in prompts)
+            lo, hi = wilson(k, len(prompts))
+            store["cells"][key] = {
+                "task": task, "length": length, **cell_head(method, budget, ctx_for(length), st, N_UBATCH),
+                "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
+                "wall_seconds": round((cell or {}).get("wall_seconds", 0.0) + time.perf_counter() - t0, 1),
+                "machines": _machines(cell), "prompts": prompts}
+            save()
     finally:
         llm.close()
-    wall = time.perf_counter() - t0
-    prompts.sort(key=lambda p: p["i"])
-    k = sum(p["correct"] for p in prompts)
-    lo, hi = wilson(k, len(prompts))
-    store["cells"][key] = {"task": task, "length": length, **cell_head(method, budget, ctx_for(length), st, N_UBATCH),
-                           "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
-                           "wall_seconds": round((cell or {}).get("wall_seconds", 0.0) + wall, 1),
-                           "machines": _machines(cell), "prompts": prompts}
-    return wall
+    return time.perf_counter() - t0
 
 
 def _machines(cell: dict | None) -> list:
@@ -349,7 +351,8 @@ def cmd_run(args) -> int:
             label = f"kld/{length}/{budget:g}"
         else:
             label = cell_key(task, length, method, budget)
-            wall = run_retrieval_cell(store, label, task, length, method, budget, n, args, haystack)
+            wall = run_retrieval_cell(store, label, task, length, method, budget, n, args, haystack,
+                                      save=lambda: save_store(out, store))
         if wall:
             save_store(out, store)
             print(f"evidence: {label}: {wall:.1f} s", file=sys.stderr)
@@ -380,7 +383,7 @@ def report(store: dict) -> str:
         for length in lengths:
             full = cells.get(cell_key(task, length, "full", None))
             if full:
-                lines.append(f"| {length} | - | full | 1.000 | - | {_acc(full)} |")
+                lines.append(f"| {length} | - | full{_source(full)} | 1.000 | - | {_acc(full)} |")
             for b in budgets:
                 ms = _method_order({c["method"] for c in cells.values() if c["method"] != "full"})
                 for m in ms:
@@ -388,7 +391,7 @@ def report(store: dict) -> str:
                     if c is None:
                         continue
                     kv = f"{c['kv_fraction']:.3f}" if c.get("supported") else "-"
-                    lines.append(f"| {length} | {b:g} | {m} | {kv} | {c.get('window', '-')} | {_acc(c)} |")
+                    lines.append(f"| {length} | {b:g} | {m}{_source(c)} | {kv} | {c.get('window', '-')} | {_acc(c)} |")
         lines.append("")
     kl = sorted((c for c in cells.values() if c["task"] == "kld"), key=lambda c: (c["length"], c["budget"], c["method"]))
     if kl:
@@ -400,7 +403,8 @@ def report(store: dict) -> str:
                 lines.append(f"| {c['length']} | {c['budget']:g} | {c['method']} | - | - | cannot run | | |")
                 continue
             past = c["kld_mean_past_window"]
-            lines.append(f"| {c['length']} | {c['budget']:g} | {c['method']} | {c['kv_fraction']:.3f} | {c['window']} | "
+            lines.append(f"| {c['length']} | {c['budget']:g} | {c['method']}{_source(c)} | {c['kv_fraction']:.3f} | "
+                         f"{c['window']} | "
                          f"{c['kld_mean']:.4f} [{c['kld95'][0]:.4f}, {c['kld95'][1]:.4f}] | "
                          f"{c['top1']:.1%} [{c['top1_95'][0]:.1%}, {c['top1_95'][1]:.1%}] | "
                          + (f"{past:.4f} |" if past is not None else "- |"))
@@ -459,7 +463,8 @@ def paired_layer_windows(store: dict) -> list[str]:
 
 
 def targets(store: dict, budget: float = 0.35) -> list[str]:
-    """The issue's targets at KV <= `budget` of full, 4k and 8k: met or missed, by how much."""
+    """The issue's targets at KV <= `budget` of full, 4k and 8k: met or missed, by how much, with the discordant
+    prompts against the full cache (a reference from another file only where its prompts are the same)."""
     import numpy as np
 
     cells = store["cells"]
@@ -473,30 +478,79 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
                 r = cells[cell_key(task, length, method, budget)]
                 if not r.get("supported") or r["n"] < TARGET_PROMPTS:
                     continue
+                if not same_prompts(r, f):
+                    out.append(f"- {task} {length}: {method}: the full cache{_source(f)} ran other prompts; "
+                               "not compared")
+                    continue
                 d_full = 100 * (r["accuracy"] - f["accuracy"])
-                line = (f"- {task} {length}: {method} {r['accuracy']:.0%} vs full {f['accuracy']:.0%} ({d_full:+.0f} "
-                        f"points; target >= -5: {'met' if d_full >= -5 else 'MISSED'}); ")
-                if s and s.get("supported"):
+                line = (f"- {task} {length}: {method} {r['accuracy']:.0%} vs full{_source(f)} {f['accuracy']:.0%} "
+                        f"({d_full:+.0f} points, {_discordant(r, f)}; target >= -5: "
+                        f"{'met' if d_full >= -5 else 'MISSED'}); ")
+                if s and s.get("supported") and same_prompts(r, s):
                     d_str = 100 * (r["accuracy"] - s["accuracy"])
-                    line += (f"streaming {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target >= 30: "
-                             f"{'met' if d_str >= 30 else 'MISSED'}); ")
+                    line += (f"streaming{_source(s)} {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target "
+                             f">= 30: {'met' if d_str >= 30 else 'MISSED'}); ")
                 else:
-                    line += "streaming not measured here; "
+                    line += "streaming not measured on these prompts; "
                 out.append(line + f"{method} KV {r['kv_fraction']:.3f} of full")
         s = cells.get(cell_key("kld", length, "streaming", budget))
         if length != 8192 or not (s and s.get("supported")):
             continue
         for method in _razor_methods(cells, "kld", length, budget):
             r = cells[cell_key("kld", length, method, budget)]
-            if not r.get("supported"):
+            if not r.get("supported") or not same_prompts(r, s):
                 continue
             lo, hi = bootstrap_ratio(np.array(r["block_kld"]), np.array(s["block_kld"]),
                                      weights=np.array(r["block_weights"]))
             ratio = r["kld_mean"] / s["kld_mean"]
             out.append(f"- kld 8192: {method} top-1 {r['top1']:.1%} (target >= 96%: "
-                       f"{'met' if r['top1'] >= 0.96 else 'MISSED'}); KLD {ratio:.2f}x streaming's [95% {lo:.2f}, "
-                       f"{hi:.2f}] (target <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'}); KV {r['kv_fraction']:.3f}")
+                       f"{'met' if r['top1'] >= 0.96 else 'MISSED'}); KLD {ratio:.2f}x streaming's{_source(s)} "
+                       f"[95% {lo:.2f}, {hi:.2f}] (target <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'}); "
+                       f"KV {r['kv_fraction']:.3f}")
     return out + [""] if len(out) > 2 else []
+
+
+def _discordant(r: dict, f: dict) -> str:
+    mine, theirs = ({p["i"]: p["correct"] for p in x["prompts"]} for x in (r, f))
+    b = sum(mine[i] and not theirs[i] for i in mine)
+    d = sum(theirs[i] and not mine[i] for i in mine)
+    return f"{b} vs {d} discordant, sign test p = {sign_test(b, d):.3g}"
+
+
+def _source(c: dict) -> str:
+    return f" ({c['source']})" if c.get("source") else ""
+
+
+def same_prompts(a: dict, b: dict) -> bool:
+    """Whether cell b ran every prompt of cell a, the same text: per prompt the same expected answer and token
+    count (retrieval), or the same blocks of the same held-out text at the same ubatch (KLD: the full cache's
+    logits, the reference of both, depend on it)."""
+    if a["task"] == "kld":
+        return (a["n_positions"], a["block_weights"], a["n_ubatch"]) == (b["n_positions"], b["block_weights"],
+                                                                        b["n_ubatch"])
+    theirs = {p["i"]: (p["expected"], p["n_tokens"]) for p in b["prompts"]}
+    return all(theirs.get(p["i"]) == (p["expected"], p["n_tokens"]) for p in a["prompts"])
+
+
+def merge_references(store: dict, path: pathlib.Path) -> None:
+    """The full and streaming cells of another results file that this one lacks, marked with their file: the
+    references for a file whose run left them out (a model file embedded again has another sha256 with the
+    same weights, so its run starts a new file). Settings must agree; the pairing and the targets then use a
+    merged cell only on identical prompts (same_prompts)."""
+    try:
+        other = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        print(f"evidence: {path}: not a results file ({e})", file=sys.stderr)
+        raise SystemExit(2)
+    if not isinstance(other, dict) or other.get("settings") != store.get("settings") or other.get("model") != store.get("model"):
+        print(f"evidence: {path} ran another model name or other settings than the report's file; not merged",
+              file=sys.stderr)
+        raise SystemExit(2)
+    have = {(c["task"], c["length"], c["budget"]) for c in store["cells"].values()}
+    for key, c in other["cells"].items():
+        if (c.get("method") in ("full", "streaming") and key not in store["cells"] and c.get("supported", True)
+                and any(h[:2] == (c["task"], c["length"]) and c["budget"] in (None, h[2]) for h in have)):
+            store["cells"][key] = {**c, "source": path.name}
 
 
 def _razor_methods(cells: dict, task: str, length: int, budget: float) -> list[str]:
@@ -549,6 +603,8 @@ def plot(store: dict, path: str) -> None:
 
 def cmd_report(args) -> int:
     store = json.loads(pathlib.Path(args.results).read_text())
+    for ref in args.ref or []:
+        merge_references(store, pathlib.Path(ref))
     print(report(store))
     if args.plot:
         plot(store, args.plot)
@@ -575,6 +631,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="markdown tables and the target checks; --plot draws the frontier")
     p.add_argument("results")
     p.add_argument("--plot", metavar="OUT.png")
+    p.add_argument("--ref", action="append", metavar="OTHER.json",
+                   help="take the full and streaming cells this file lacks from another run of the same prompts")
     p.set_defaults(func=cmd_report)
     args = ap.parse_args(argv)
     if args.cmd == "run":
@@ -583,6 +641,10 @@ def main(argv=None) -> int:
             ap.error(f"unknown plan {bad[0]!r}; plans: {', '.join(PLANS)}")
         if not os.path.isfile(args.model):
             ap.error(f"{args.model}: no such file")
+    else:
+        missing = [f for f in [args.results, *(args.ref or [])] if not os.path.isfile(f)]
+        if missing:
+            ap.error(f"{missing[0]}: no such file")
     return args.func(args)
 
 
