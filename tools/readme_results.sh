@@ -81,6 +81,14 @@ if [[ $what == all || $what == eval ]]; then
   # prose with 10% heads and 64 pins (--ratios' choice for SmolLM2; about 6 minutes)
   .venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-r10.json" \
     --plan fewer-heads-pins-kld --method razor_pins_r0.1
+  # its retrieval cells and the full cache on the current multi-needle prompts (about 40 minutes at 8192, 15 at
+  # 4096 per cell), then the report with the references of the other files (only on identical prompts)
+  E10=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-r10.json" --plan fewer-heads-pins)
+  "${E10[@]}" --ctx 8192 --task mniah --method razor_pins_r0.1 --method full
+  "${E10[@]}" --ctx 4096 --task passkey --task mniah --method razor_pins_r0.1
+  "${E10[@]}" --ctx 4096 --task mniah --method full
+  .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-r10.json" \
+    --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" --ref "$OUT/evidence-smollm2.json"
   # what --ratios decides on other calibration texts, lengths and probes (about 55 minutes)
   RC=(.venv/bin/python tools/ratio_calibration.py "$SMOL_R" --out "$OUT/ratio-calibration-smollm2.json")
   "${RC[@]}" --cell pydoc:2048:mniah4
