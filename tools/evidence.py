@@ -433,12 +433,8 @@ def paired_accuracy(store: dict) -> list[str]:
         r = cells.get(cell_key(c["task"], c["length"], base, c["budget"]))
         if not (r and r.get("supported")):
             continue
-        mine, theirs = ({p["i"]: p["correct"] for p in x["prompts"]} for x in (c, r))
-        both = sorted(mine.keys() & theirs.keys())
-        b = sum(mine[i] and not theirs[i] for i in both)
-        d = sum(theirs[i] and not mine[i] for i in both)
-        out.append(f"- {c['task']} {c['length']}, budget {c['budget']:g}: {c['method']} "
-                   f"{sum(mine[i] for i in both)}/{len(both)} vs {base} {sum(theirs[i] for i in both)}/{len(both)}; "
+        k_c, k_r, n, b, d = discordant(c, r)
+        out.append(f"- {c['task']} {c['length']}, budget {c['budget']:g}: {c['method']} {k_c}/{n} vs {base} {k_r}/{n}; "
                    f"{b} vs {d} discordant (sign test p = {sign_test(b, d):.3g})")
     return ["**each method against razor (with pins: against the same without) on the same prompts**", "", *out,
             ""] if out else []
@@ -510,10 +506,16 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
     return out + [""] if len(out) > 2 else []
 
 
+def discordant(a: dict, b: dict) -> tuple[int, int, int, int, int]:
+    """Two retrieval cells on the prompts both ran: (a's correct, b's correct, prompts, only a right, only b right)."""
+    mine, theirs = ({p["i"]: p["correct"] for p in x["prompts"]} for x in (a, b))
+    both = mine.keys() & theirs.keys()
+    return (sum(mine[i] for i in both), sum(theirs[i] for i in both), len(both),
+            sum(mine[i] and not theirs[i] for i in both), sum(theirs[i] and not mine[i] for i in both))
+
+
 def _discordant(r: dict, f: dict) -> str:
-    mine, theirs = ({p["i"]: p["correct"] for p in x["prompts"]} for x in (r, f))
-    b = sum(mine[i] and not theirs[i] for i in mine)
-    d = sum(theirs[i] and not mine[i] for i in mine)
+    *_, b, d = discordant(r, f)
     return f"{b} vs {d} discordant, sign test p = {sign_test(b, d):.3g}"
 
 
@@ -542,7 +544,8 @@ def merge_references(store: dict, path: pathlib.Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         print(f"evidence: {path}: not a results file ({e})", file=sys.stderr)
         raise SystemExit(2)
-    if not isinstance(other, dict) or other.get("settings") != store.get("settings") or other.get("model") != store.get("model"):
+    if not isinstance(other, dict) or (other.get("settings"), other.get("model")) != (store.get("settings"),
+                                                                                     store.get("model")):
         print(f"evidence: {path} ran another model name or other settings than the report's file; not merged",
               file=sys.stderr)
         raise SystemExit(2)

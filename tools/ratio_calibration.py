@@ -4,8 +4,9 @@
 The measurement of razor_gguf.ratios (each candidate ratio against the selection's map at budget 0.35, 64 pins
 where the row is off) on a model's stored scores, per cell: a calibration text (`pydoc`: the Python reference
 manual embed-heads calibrates the row and the budget on; `docstrings`: prose from docstrings of stdlib modules the
-evaluation never reads, razor_gguf.calibration.prose_text), a chunk length, and a probe (`mniah4`: 4 needles, the question naming one; `needle1`: one needle). Each finished
-cell is appended to the JSON (`--out`), so a run resumes; the wall time per cell is recorded.
+evaluation never reads, razor_gguf.calibration.prose_text), a chunk length, and a probe (`mniah4`: 4 needles, the
+question naming one; `needle1`: one needle). Each finished cell is appended to the JSON (`--out`), so a run
+resumes; the wall time per cell is recorded.
 
     python tools/ratio_calibration.py MODEL.razor.gguf --out docs/results/ratio-calibration-smollm2.json \\
         --cell pydoc:2048:needle1 --cell docstrings:2048:mniah4 --cell pydoc:4096:mniah4
