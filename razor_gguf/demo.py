@@ -13,13 +13,15 @@ N_CTX = 8192  # SmolLM2's trained context: where the KV cache is large enough to
 
 
 def razor_model_path():
-    """SmolLM2 with its head map, written by `razor-gguf embed-heads` the first time (about 2 minutes)."""
+    """SmolLM2 with its head map and measured defaults, written by `razor-gguf embed-heads` the first time (about 13
+    minutes on 2 CPU cores, most of it measuring the retrieval ratio)."""
     from .models import cache_dir, model_path
 
     src = model_path("smollm2")
     out = cache_dir() / "models" / (src.stem + ".razor.gguf")
     if not out.exists():
-        print(f"embedding the head map: razor-gguf embed-heads {src} -o {out}", flush=True)
+        print(f"embedding the head map and measuring the model's defaults (once; minutes on a CPU): "
+              f"razor-gguf embed-heads {src} -o {out}", flush=True)
         r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", str(src), "-o", str(out)])
         if r.returncode != 0:
             raise SystemExit(r.returncode)

@@ -70,7 +70,7 @@ def embed_heads(
     dry_run: bool = False,
     calibrate: bool = True,
     layer_windows: bool = False,
-    ratios: bool = False,
+    ratios: bool | None = None,
     device: str = "auto",
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
@@ -82,9 +82,11 @@ def embed_heads(
     record that as the model's default (razor.compensation, with razor.calibration.* provenance).
     layer_windows: also measure per-layer windows against one uniform window at the recommended budget
     (razor_gguf.layer_windows; minutes more) and store them (razor.layer_window_scale) where they win.
-    ratios: also measure the retrieval ratio at budget 0.35 (razor_gguf.ratios; minutes more): a smaller one that
-    wins replaces the selection's map, and the pins it ran with become the default (razor.n_pin) where they lose
-    nothing; the budget and per-layer windows are then measured with that map.
+    ratios: measure the retrieval ratio at budget 0.35 (razor_gguf.ratios; about 126 reference forwards): a smaller
+    one that wins replaces the selection's map, and the pins it ran with become the default (razor.n_pin) where they
+    lose nothing; the budget and per-layer windows are then measured with that map. None (the default): measured
+    with the calibration, and where this model cannot be measured (e.g. the selection's heads alone exceed the
+    budget) the selection's map is kept with a notice; True: that is an error; False: not measured.
     device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
     """
     reader = open_gguf(input)
@@ -107,6 +109,8 @@ def embed_heads(
     induction_ratio = _ratio("induction-ratio", DEFAULT_INDUCTION_RATIO if induction_ratio is None else induction_ratio)
     echo_ratio = _ratio("echo-ratio", DEFAULT_ECHO_RATIO if echo_ratio is None else echo_ratio)
     seed = DEFAULT_SEED if seed is None else seed
+    if ratios is None:
+        ratios = None if calibrate else False
     if (layer_windows or ratios) and not calibrate:
         raise UserError(f"--{'layer-windows' if layer_windows else 'ratios'} needs the calibration (drop --no-calibration)")
     if probe_len < 2:
@@ -192,7 +196,8 @@ def _with_ratio(scores, m):
                                provenance={**scores.provenance, "induction_ratio": ind, "echo_ratio": echo})
 
 
-def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows: bool = False, ratios: bool = False):
+def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows: bool = False,
+               ratios: bool | None = None):
     """The measured defaults (razor_gguf.calibration): whether the compensation row helps; then, with that setting,
     (ratios) the retrieval ratio and pins (razor_gguf.ratios), and with the map that gives, the recommended KV
     budget and (layer_windows) per-layer windows at that budget's window. Returns (compensation, budgets, layer
@@ -223,7 +228,7 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
         tokenize = lambda s, bos: tok.tokenize(s.encode(), add_bos=bos)  # noqa: E731
         probes = _layer_windows.retrieval_probes(tokenize, _layer_windows.N_PROBES, n_tokens) if layer_windows else []
         needles = (_layer_windows.retrieval_probes(tokenize, _ratios.N_PROBES, n_tokens, n_needles=_ratios.PROBE_NEEDLES)
-                   if ratios else [])
+                   if ratios is not False else [])
     finally:
         tok.close()
     chunks, valid = chunks[:DEFAULT_CHUNKS], chunks[DEFAULT_CHUNKS:]
@@ -231,7 +236,7 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
         comp = measure_compensation(model, scores.head_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
     measured_ratios = None
-    if ratios:
+    if ratios is not False:
         n_pin = 0 if comp.compensation else _ratios.N_PIN
         n_cand = len(_ratios.candidates(float(scores.head_map.mean())))
         with _bar(_ratios.passes(n_cand, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
@@ -241,8 +246,10 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
                     needles, n_sink=n_sink, compensation=comp.compensation, n_pin=n_pin,
                     progress=lambda: bar.update(1))
             except ValueError as ex:
-                raise UserError(f"{path}: {ex}") from None
-        if measured_ratios.adopted:
+                if ratios:
+                    raise UserError(f"{path}: {ex}") from None
+                print(f"razor-gguf: {ex}; the selection's head map is kept", file=sys.stderr, flush=True)
+        if measured_ratios is not None and measured_ratios.adopted:
             scores = _with_ratio(scores, measured_ratios)
     with _bar((1 + len(BUDGET_LADDER)) * len(chunks), "budgets", unit="pass") as bar:
         budgets = measure_budgets(model, scores.head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
@@ -463,13 +470,15 @@ def add_subcommands(sub) -> None:
                         "calibration text, validated on other text; ~6-7 min more for SmolLM2) and store them as the "
                         "model's default where the 95%% interval says they win; an experiment: on SmolLM2 what it "
                         "adopts at the 0.75 budget loses in llama.cpp, see README")
-    e.add_argument("--ratios", action="store_true",
-                   help="also measure the retrieval ratio at KV budget 0.35: fewer retrieval heads (5%%, 10%%) against the "
-                        "selection's at equal memory, on next-token KLD over calibration text and 16 single-needle "
-                        "probes, with 64 pinned tokens where the compensation row is off; a ratio that wins (KLD 95%% "
-                        "interval below 1, probe not worse) replaces the head map, and the pins become the model's "
-                        "default where they lose no probe (razor-gguf's doors then read each prompt twice); about 126 "
-                        "more reference forwards of 2048 tokens: 22 min in all on 2 idle CPU cores for SmolLM2")
+    e.add_argument("--ratios", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the retrieval ratio at KV budget 0.35 (default on, with the calibration): fewer "
+                        "retrieval heads (5%%, 10%%) against the selection's at equal memory, on next-token KLD over "
+                        "calibration text and 16 single-needle probes, with 64 pinned tokens where the compensation "
+                        "row is off; a ratio that wins (KLD 95%% interval below 1, probe not worse) replaces the head "
+                        "map, and the pins become the model's default where they lose no probe (razor-gguf's doors "
+                        "then read each prompt twice); about 126 reference forwards of 2048 tokens: 10 more minutes "
+                        "on 2 CPU cores for SmolLM2. A model it cannot measure keeps the selection's map with a "
+                        "notice (an error with --ratios); --no-ratios skips it")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")

@@ -211,19 +211,30 @@ def _moe_ffn(h, L, n_used):
 def _rope(x, pos, dim, base, scale, neox, freq_factors=None, yarn=None, mscale=1.0):
     """Rotate the first `dim` features of x [..., T, head_dim] as llama.cpp does. yarn: the (low, high)
     correction range of ggml's rope_yarn (ext_factor 1), or None; mscale scales cos and sin."""
+    return _rotate(x, _rope_angles(x.device, pos, dim, base, scale, freq_factors, yarn, mscale), dim, neox)
+
+
+def _rope_angles(device, pos, dim, base, scale, freq_factors=None, yarn=None, mscale=1.0):
+    """(cos, sin) [T, dim / 2] of _rope: the same for every layer of one kind, so a forward computes them once."""
     import torch
 
-    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
     if freq_factors is not None:
         inv = inv / freq_factors.double()
     ang = (pos.double()[:, None] * scale) * inv[None, :]
     if yarn is not None:
         low, high = yarn
         extrap = pos.double()[:, None] * inv[None, :]
-        i = torch.arange(dim // 2, dtype=torch.float64, device=x.device)
+        i = torch.arange(dim // 2, dtype=torch.float64, device=device)
         ramp = 1 - ((i - low) / max(0.001, high - low)).clamp(0, 1)
         ang = ang * (1 - ramp) + extrap * ramp
-    cos, sin = (ang.cos() * mscale).float(), (ang.sin() * mscale).float()
+    return (ang.cos() * mscale).float(), (ang.sin() * mscale).float()
+
+
+def _rotate(x, angles, dim, neox):
+    import torch
+
+    cos, sin = angles
     xr, xp = x[..., :dim], x[..., dim:]
     if neox:
         x1, x2 = xr[..., : dim // 2], xr[..., dim // 2 :]
@@ -244,11 +255,18 @@ class ReferenceModel:
     """The forward pass. Usage: ReferenceModel(path, device="cpu").forward(tokens, hook=...).
 
     Weights are dequantized on the CPU one layer at a time and moved to `device` (a torch device: "cpu",
-    "cuda"), where the layer runs; peak memory is one layer's f32 weights plus the activations, on that device.
-    Outputs (logits) come back on the CPU; hooks and attention policies see tensors on the device."""
+    "cuda"), where the layer runs; peak memory is one layer's f32 weights (all of them where they are kept, below)
+    plus the activations, on that device.
+    Outputs (logits) come back on the CPU; hooks and attention policies see tensors on the device.
 
-    def __init__(self, path: str, device: str = "cpu", reader=None):
-        """reader: the GGUFReader of `path` when the caller has one open already."""
+    A small model's dequantized weights are kept after the first forward (all of them at most CACHE_BYTES as
+    float32): the measurements run it a hundred times, and dequantizing is a tenth of a forward."""
+
+    CACHE_BYTES = 2 << 30
+
+    def __init__(self, path: str, device: str = "cpu", reader=None, cache_weights: bool | None = None):
+        """reader: the GGUFReader of `path` when the caller has one open already; cache_weights: keep the
+        dequantized weights (default: where they take at most CACHE_BYTES)."""
         from gguf import GGUFReader
 
         self.path = str(path)
@@ -256,6 +274,16 @@ class ReferenceModel:
         self.hp = read_hparams(self.reader)
         self.w = GGUFWeights(self.reader)
         self.device = device
+        if cache_weights is None:
+            cache_weights = 4 * sum(int(t.n_elements) for t in self.reader.tensors) <= self.CACHE_BYTES
+        self._cache: dict | None = {} if cache_weights else None
+
+    def _cached(self, key, make):
+        if self._cache is None:
+            return make()
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def _rope_factors(self, n_ctx: int):
         """llama_model::get_rope_factors: rope_freqs (Llama 3), else LongRoPE's long factors for a context
@@ -333,9 +361,10 @@ class ReferenceModel:
         g = hp.n_head // hp.n_head_kv
         hd = hp.head_dim
         kq_scale = 1.0 / math.sqrt(hd)
+        angles = {}  # rope's (cos, sin) by layer kind (sliding-window or not)
         with torch.no_grad():
             for il in range(hp.n_layer):
-                L = self._layer(il)
+                L = self._cached(il, lambda: self._layer(il))
                 h = _rms_norm(x, L["attn_norm"], hp.rms_eps)
                 q = h @ L["wq"].T
                 k = h @ L["wk"].T
@@ -352,8 +381,10 @@ class ReferenceModel:
                 base = hp.rope_base_swa if swa else hp.rope_base
                 scale = 1.0 if swa else hp.rope_scale
                 yarn, mscale = (None, 1.0) if swa else (hp.yarn, hp.rope_mscale)
-                q = _rope(q, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn, mscale)
-                k = _rope(k, pos, hp.rope_dim, base, scale, hp.neox, ff, yarn, mscale)
+                if swa not in angles:
+                    angles[swa] = _rope_angles(dev, pos, hp.rope_dim, base, scale, ff, yarn, mscale)
+                q = _rotate(q, angles[swa], hp.rope_dim, hp.neox)
+                k = _rotate(k, angles[swa], hp.rope_dim, hp.neox)
                 # GQA: query head h uses KV head h // g (llama.cpp's broadcast).
                 qg = q.reshape(hp.n_head_kv, g, T, hd)
                 if attention is not None:
@@ -364,12 +395,18 @@ class ReferenceModel:
                         e = min(T, s + chunk)
                         # keys k0..e-1: causal, and in a sliding-window layer only the last n_swa positions
                         k0 = max(0, s - hp.n_swa + 1) if swa else 0
-                        sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
                         qi = torch.arange(s, e, device=dev)[:, None]
                         kj = torch.arange(k0, e, device=dev)[None, :]
                         mask = kj > qi
                         if swa:
                             mask = mask | (qi - kj >= hp.n_swa)
+                        if hook is None:  # nobody reads the probabilities: torch's fused attention
+                            out[:, :, s:e] = torch.nn.functional.scaled_dot_product_attention(
+                                qg[:, :, s:e], k[:, None, k0:e].expand(hp.n_head_kv, g, e - k0, hd),
+                                v[:, None, k0:e].expand(hp.n_head_kv, g, e - k0, v.shape[2]), attn_mask=~mask,
+                                scale=kq_scale)
+                            continue
+                        sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
                         sc.masked_fill_(mask, float("-inf"))
                         pr = torch.softmax(sc, dim=-1)
                         if hook is not None:
@@ -405,10 +442,10 @@ class ReferenceModel:
             n_rows = t.data.shape[0]
             logits = []
             for r in range(0, n_rows, 8192):  # stream the output matrix in row blocks
-                W = self.w.get(name, rows=slice(r, min(n_rows, r + 8192))).to(dev)
+                W = self._cached((name, r), lambda: self.w.get(name, rows=slice(r, min(n_rows, r + 8192))).to(dev))
                 logits.append((last @ W.T).cpu())
             out = torch.cat(logits, dim=-1)
-            last = None
+            last = W = None
             out = out if want_logits == "all" else out[0]
             if self.w.has("output.bias"):
                 out = out + self.w.get("output.bias")

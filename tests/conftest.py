@@ -40,12 +40,14 @@ def golden_smollm2() -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_razor(smollm2_path, tmp_path_factory):
-    """SmolLM2 with its head map embedded by `razor-gguf embed-heads` (default settings), made once per
+    """SmolLM2 with its head map embedded by `razor-gguf embed-heads --no-ratios` (default settings but the
+    retrieval-ratio measurement: ten more minutes, whose machinery tests/test_ratios.py covers), made once per
     session: (path, the --json summary, wall seconds, peak RSS bytes of the embed process)."""
     pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("embed") / "smollm2-razor.gguf"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "-o", str(out), "--json"],
+    r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "-o", str(out), "--json",
+                        "--no-ratios"],
                        capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -59,13 +61,14 @@ def smollm2_razor(smollm2_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gemma3_razor(tmp_path_factory):
-    """Gemma 3 270M with its head map embedded by `razor-gguf embed-heads --probe-len 600` (a probe block longer
-    than the 512-token sliding window), made once per session: (path, the --json summary)."""
+    """Gemma 3 270M with its head map embedded by `razor-gguf embed-heads --probe-len 600 --no-ratios` (a probe
+    block longer than the 512-token sliding window; no retrieval-ratio measurement, as for SmolLM2), made once per
+    session: (path, the --json summary)."""
     pytest.importorskip("torch")
     from razor_gguf.models import model_path
 
     out = tmp_path_factory.mktemp("embed") / "gemma3-razor.gguf"
     r = subprocess.run([sys.executable, "-m", "razor_gguf", "embed-heads", str(model_path("gemma3")), "-o", str(out),
-                        "--json", "--probe-len", "600"], capture_output=True, text=True, timeout=900)
+                        "--json", "--probe-len", "600", "--no-ratios"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, json.loads(r.stdout)

@@ -189,3 +189,25 @@ def test_ratios_need_the_calibration(smollm2_path, tmp_path):
                         "--ratios", "--no-calibration"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "razor-gguf: error: --ratios needs the calibration (drop --no-calibration)"] and not (tmp_path / "o.gguf").exists()
+
+
+def test_measured_by_default_and_skipped_where_it_cannot_be(smollm2_path, tmp_path):
+    """embed-heads measures the ratio by default; a map whose retrieval heads alone exceed the 0.35 budget (half of
+    the heads here) cannot be measured: the default keeps it with a one-line notice and writes the model, an
+    explicit --ratios stops with the same reason (exit 2, nothing written)."""
+    args = [sys.executable, "-m", "razor_gguf", "embed-heads", smollm2_path, "--probe-len", "8",
+            "--induction-ratio", "0.5", "--json"]
+    r = subprocess.run(args + ["-o", str(tmp_path / "a.gguf")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    notice = [line for line in r.stderr.splitlines() if "retrieval ratios" in line]
+    assert notice == ["razor-gguf: retrieval ratios: the stored map's retrieval heads alone exceed a budget of 0.35 "
+                      "(or it has no local head); the selection's head map is kept"]
+    import json
+
+    info = json.loads(r.stdout)
+    assert info["retrieval_ratio"] > 0.35 and "calibration.ratios" not in info["provenance"]
+    assert "calibration.kld_compensation" in info["provenance"] and (tmp_path / "a.gguf").exists()
+    r = subprocess.run(args + ["-o", str(tmp_path / "b.gguf"), "--ratios"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1:] == [
+        f"razor-gguf: error: {smollm2_path}: retrieval ratios: the stored map's retrieval heads alone exceed a budget "
+        "of 0.35 (or it has no local head)"] and not (tmp_path / "b.gguf").exists()

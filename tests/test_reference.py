@@ -322,3 +322,20 @@ def test_tiny_f32_models_match_llamacpp_exactly(tmp_path, arch, tied, kv, freqs)
             m.w._by_name.pop(name, None)
         plain = m.forward(toks, want_logits=True, chunk=16).double().numpy()
         assert np.abs(plain - cpp).max() > 100 * diff
+
+
+def test_kept_weights_and_fused_attention_change_nothing(tmp_path):
+    """A small model's weights are dequantized once and kept (the second forward reads them from memory): the
+    logits are bit-identical to streaming them; and the fused attention the forward uses where no hook reads the
+    probabilities agrees with the softmax spelled out for a hook to float precision."""
+    path = _write_tiny(tmp_path / "llama.gguf", "llama", tied=True)
+    toks = [1] + list(np.random.default_rng(6).integers(3, 259, size=200))
+    kept = ReferenceModel(path)
+    assert kept._cache is not None and ReferenceModel(path, cache_weights=False)._cache is None
+    first = kept.forward(toks, want_logits="all", chunk=64).numpy()
+    assert len(kept._cache) > 2  # the layers and the output matrix
+    again = kept.forward(toks, want_logits="all", chunk=64).numpy()
+    streamed = ReferenceModel(path, cache_weights=False).forward(toks, want_logits="all", chunk=64).numpy()
+    assert np.array_equal(first, again) and np.array_equal(first, streamed)
+    spelled = kept.forward(toks, want_logits="all", chunk=64, hook=lambda *a: None).numpy()
+    assert np.abs(spelled - first).max() < 1e-4 * np.abs(first).max()
