@@ -77,6 +77,8 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
 
     import torch
 
+    from .reference import gqa_attention
+
     H, T, d = q.shape
     n_kv = k.shape[0]
     g = H // n_kv
@@ -101,9 +103,7 @@ def razor_attention_torch(q, k, v, head_map, n_sink: int, window: int, compensat
         kept = causal & ((kj < n_sink) | (kj >= lo[:, None]) | pinned[None, :e])
         mask = torch.where(local[:, None, None, None], kept, causal)  # [n_kv, 1, R, e]
         if not compensation:  # every row keeps its own token, so no row is all masked
-            out[:, :, s0:e] = torch.nn.functional.scaled_dot_product_attention(
-                qg[:, :, s0:e], k[:, None, :e].expand(n_kv, g, e, d), v[:, None, :e].expand(n_kv, g, e, v.shape[2]),
-                attn_mask=mask, scale=scale)
+            out[:, :, s0:e] = gqa_attention(qg[:, :, s0:e], k[:, :e], v[:, :e], mask, scale)
             continue
         sc = torch.matmul(qg[:, :, s0:e], k[:, None, :e].transpose(-1, -2)) * scale
         sc = sc.masked_fill(~mask, float("-inf"))

@@ -109,8 +109,8 @@ def embed_heads(
     induction_ratio = _ratio("induction-ratio", DEFAULT_INDUCTION_RATIO if induction_ratio is None else induction_ratio)
     echo_ratio = _ratio("echo-ratio", DEFAULT_ECHO_RATIO if echo_ratio is None else echo_ratio)
     seed = DEFAULT_SEED if seed is None else seed
-    if ratios is None:
-        ratios = None if calibrate else False
+    if ratios is None and not calibrate:
+        ratios = False
     if (layer_windows or ratios) and not calibrate:
         raise UserError(f"--{'layer-windows' if layer_windows else 'ratios'} needs the calibration (drop --no-calibration)")
     if probe_len < 2:

@@ -245,6 +245,18 @@ def _rotate(x, angles, dim, neox):
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
+def gqa_attention(qg, k, v, keep, scale):
+    """Softmax attention by torch's fused kernel with grouped KV heads: qg [n_kv, g, R, d] queries, k and v
+    [n_kv, n, d] keys and values, keep a bool mask broadcastable to [n_kv, g, R, n] (True: attended; every row
+    needs one). Returns [n_kv, g, R, d_v]."""
+    import torch
+
+    n_kv, g, n = qg.shape[0], qg.shape[1], k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        qg, k[:, None].expand(n_kv, g, n, k.shape[2]), v[:, None].expand(n_kv, g, n, v.shape[2]), attn_mask=keep,
+        scale=scale)
+
+
 # hook(layer, row_start, probs, key_start): probs [n_head, rows, n_keys] are the post-softmax rows
 # row_start.. over the keys key_start..row_start+rows-1 (key_start > 0 only in sliding-window layers,
 # where every earlier key has probability 0).
@@ -401,16 +413,12 @@ class ReferenceModel:
                         if swa:
                             mask = mask | (qi - kj >= hp.n_swa)
                         if hook is None:  # nobody reads the probabilities: torch's fused attention
-                            out[:, :, s:e] = torch.nn.functional.scaled_dot_product_attention(
-                                qg[:, :, s:e], k[:, None, k0:e].expand(hp.n_head_kv, g, e - k0, hd),
-                                v[:, None, k0:e].expand(hp.n_head_kv, g, e - k0, v.shape[2]), attn_mask=~mask,
-                                scale=kq_scale)
+                            out[:, :, s:e] = gqa_attention(qg[:, :, s:e], k[:, k0:e], v[:, k0:e], ~mask, kq_scale)
                             continue
                         sc = torch.matmul(qg[:, :, s:e], k[:, None, k0:e].transpose(-1, -2)) * kq_scale
                         sc.masked_fill_(mask, float("-inf"))
                         pr = torch.softmax(sc, dim=-1)
-                        if hook is not None:
-                            hook(il, s, pr.reshape(hp.n_head, e - s, e - k0), k0)
+                        hook(il, s, pr.reshape(hp.n_head, e - s, e - k0), k0)
                         out[:, :, s:e] = torch.matmul(pr, v[:, None, k0:e])
                         del sc, pr
                 attn = out.reshape(hp.n_head, T, hd).transpose(0, 1).reshape(T, hp.n_head * hd)
