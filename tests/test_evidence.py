@@ -144,6 +144,32 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
     cells3 = json.loads(out.read_text())["cells"]
     grown = {k for k in keys if cells3[k].get("n") == 4}
     assert grown == {"passkey/512/razor/0.6"}
+    r = _run(*base, "--plan", "targets", "--method", "razor_pins_rx")
+    assert r.returncode == 2 and "unknown method 'razor_pins_rx'" in r.stderr
+
+    # the file belongs to the weights: one of another GGUF file with them (embed-heads run again on another
+    # machine) goes on where a cell's cache is the one it recorded, not where it differs or was not recorded
+    store = json.loads(out.read_text())
+    assert len(store["weights_sha256"]) == 64 and all(len(c["cache_sha256"]) == 64 for c in store["cells"].values())
+    moved = tmp_path / "moved.json"
+    grow = ["run", model, "--out", str(moved), *base[4:], "--plan", "targets", "--n", "5", "--task", "passkey",
+            "--method", "razor"]
+    key = "passkey/512/razor/0.6"
+    moved.write_text(json.dumps({**store, "model_sha256": "1" * 64}))
+    r = _run(*grow)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = json.loads(moved.read_text())["cells"][key]
+    assert [p["i"] for p in c["prompts"]] == [0, 1, 2, 3, 4] and c["prompts"][:4] == cells3[key]["prompts"]
+    assert c["model_files"] == [store["model_sha256"][:12]]  # the files that ran prompts, not the store's name
+    for edit, why in (({"cache_sha256": "0" * 64}, "ran another cache"),
+                      ({"cache_sha256": None}, "before cells recorded their cache")):
+        cell = {k: v for k, v in {**store["cells"][key], **edit}.items() if v is not None}
+        moved.write_text(json.dumps({**store, "model_sha256": "1" * 64, "cells": {**store["cells"], key: cell}}))
+        r = _run(*grow)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    moved.write_text(json.dumps({**store, "model_sha256": "1" * 64, "weights_sha256": "1" * 64}))
+    r = _run(*grow)
+    assert r.returncode == 2 and "other weights" in r.stderr
 
     r = _run("report", str(out), "--plot", str(tmp_path / "frontier.png"))
     assert r.returncode == 0, r.stderr[-2000:]

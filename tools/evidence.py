@@ -9,6 +9,9 @@ A cell is (task, prompt length, method, KV budget). Prompt i of a cell is the sa
 budget (its seed is (task, length, i)), so methods are compared on the same prompts, and a cell asked for more
 prompts than it holds runs only the missing ones: a run stopped at any point (Ctrl-C, --max-minutes) keeps
 every finished prompt, and the next run goes on from there. Each cell records its wall time and the machine.
+A file belongs to a model's weights (the tensors' sha256), not to one GGUF file: `embed-heads` run again on
+another machine writes another file (its scores differ in the last float digits), and a cell goes on there
+when the cache it would run is the one it recorded (head map, windows, pins, bytes: `cache_sha256`).
 
 Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the largest window that fits it):
   full         the stock cache;
@@ -130,15 +133,19 @@ def cell_key(task: str, length: int, method: str, budget: float | None) -> str:
 
 
 def load_store(path: pathlib.Path, model: str) -> dict:
+    """The results file at path, or a new one. A file written for another GGUF file of the same weights is
+    taken (its cells go on only where they ran the same cache: run_retrieval_cell); other weights are an error."""
     if path.exists():
         store = json.loads(path.read_text())
-        if store.get("model_sha256") != sha256_of(model):
-            print(f"evidence: {path} holds results of another model file ({store.get('model')}); use another --out",
-                  file=sys.stderr)
+        if store.get("model_sha256") == sha256_of(model):
+            store.setdefault("weights_sha256", weights_sha256(model))  # a file from before weights were recorded
+        elif store.get("weights_sha256") != weights_sha256(model):
+            print(f"evidence: {path} holds results of another model ({store.get('model')}, other weights); "
+                  "use another --out", file=sys.stderr)
             raise SystemExit(2)
         return store
     return {"schema": 1, "model": os.path.basename(model), "model_sha256": sha256_of(model),
-            "settings": {"n_needles": N_NEEDLES, "max_new_tokens": MAX_NEW_TOKENS, "n_ubatch": N_UBATCH,
+            "weights_sha256": weights_sha256(model), "settings": {"n_needles": N_NEEDLES, "max_new_tokens": MAX_NEW_TOKENS, "n_ubatch": N_UBATCH,
                          "kld_block": KLD_BLOCK, "flash_attn": True, "greedy": True}, "cells": {}}
 
 
@@ -163,6 +170,37 @@ def sha256_of(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def weights_sha256(path: str) -> str:
+    """sha256 of a GGUF's tensors (name, type, shape, offset, then the data section): what embed-heads keeps
+    when it writes a model's head map and calibration into its metadata."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    h = hashlib.sha256()
+    for t in r.tensors:
+        h.update(f"{t.name}:{int(t.tensor_type)}:{[int(x) for x in t.shape]}:{t.data_offset - r.data_offset}\n".encode())
+    with open(path, "rb") as f:
+        f.seek(r.data_offset)
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_sha256(llm, st: dict) -> str:
+    """What decides a method's answers on given weights: the head map in effect and what the budget bought."""
+    from razor_gguf import _native
+
+    spec = {k: st.get(k) for k in ("razor", "n_sink", "window", "layer_windows", "rings", "compensation", "pins",
+                                   "kv_bytes")}
+    spec["head_map"] = _native.head_map(llm._ctx.ctx) if st.get("razor") else None
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+# the fields a cell recorded before cache_sha256 existed: on its own model file, equal fields mean the same cache
+_LEGACY_FIELDS = ("kv_bytes", "window", "n_sink", "retrieval_heads", "compensation", "ring_windows")
+
+
+@functools.lru_cache(maxsize=None)
 def _machine() -> tuple:
     """The machine a run is on, read once (machine_info asks nvidia-smi)."""
     from razor_gguf.machine import machine_info
@@ -184,6 +222,14 @@ def method_options(method: str) -> dict:
     if sep and base in METHODS and base != "full":
         return {**METHODS[base], "retrieval_ratio": float(ratio)}
     return dict(METHODS[method])
+
+
+def known_method(method: str) -> bool:
+    try:
+        method_options(method)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, n_ubatch: int = N_UBATCH, **extra):
@@ -223,6 +269,18 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
         store["cells"][key] = {"task": task, "length": length, "method": method, "budget": budget,
                                "supported": False, "reason": st}
         return time.perf_counter() - t0
+    ident = cache_sha256(llm, st)
+    head = cell_head(method, budget, ctx_for(length), st, N_UBATCH)
+    if cell:
+        recorded, same_file = cell.get("cache_sha256"), store["model_sha256"] == sha256_of(args.model)
+        if recorded is None and same_file and all(cell.get(f) == head[f] for f in _LEGACY_FIELDS):
+            recorded = ident
+        if recorded != ident:
+            llm.close()
+            why = ("ran another cache (head map, windows or pins)" if recorded or same_file else
+                   f"was run before cells recorded their cache, on another file ({store['model_sha256'][:12]})")
+            print(f"evidence: {key} {why}; it cannot go on with this model: use another --out", file=sys.stderr)
+            raise SystemExit(2)
     try:
         tok = lambda text: llm.tokenize(text.encode(), add_bos=True)  # noqa: E731
         prompts = list(cell["prompts"]) if cell else []
@@ -240,14 +298,21 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
             k = sum(p["correct"] for p in prompts)
             lo, hi = wilson(k, len(prompts))
             store["cells"][key] = {
-                "task": task, "length": length, **cell_head(method, budget, ctx_for(length), st, N_UBATCH),
-                "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
+                "task": task, "length": length, **head, "cache_sha256": ident,
+                "model_files": _model_files(cell, args.model), "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
                 "wall_seconds": round((cell or {}).get("wall_seconds", 0.0) + time.perf_counter() - t0, 1),
                 "machines": _machines(cell), "prompts": prompts}
             save()
     finally:
         llm.close()
     return time.perf_counter() - t0
+
+
+def _model_files(cell: dict | None, model: str) -> list:
+    """The GGUF files (sha256, 12 digits) a cell's prompts ran on."""
+    fs = list((cell or {}).get("model_files", []))
+    f = sha256_of(model)[:12]
+    return fs if f in fs else fs + [f]
 
 
 def _machines(cell: dict | None) -> list:
@@ -288,7 +353,7 @@ def run_kld_group(store, length, budget, methods, args) -> float:
         try:
             toks = kld_tokens(llm, length)  # the held-out prose, as `razor-gguf eval --task kld` reads it
             llm.eval(toks)  # one prompt (in decodes of n_batch = ub tokens): razor_pins chooses its pins over all of it
-            return np.array(llm.scores[:length - 1], dtype=np.float32), st
+            return np.array(llm.scores[:length - 1], dtype=np.float32), {**st, "cache_sha256": cache_sha256(llm, st)}
         finally:
             llm.close()
 
@@ -308,7 +373,8 @@ def run_kld_group(store, length, budget, methods, args) -> float:
             "kld_mean_past_window": float(kl[lo:].mean()) if lo < len(kl) else None,
             "top1_past_window": float(top1[lo:].mean()) if lo < len(kl) else None,
             "block_kld": [round(float(x), 6) for x in kb], "block_top1": [round(float(x), 5) for x in tb],
-            "block_weights": w.astype(int).tolist(),
+            "block_weights": w.astype(int).tolist(), "cache_sha256": st["cache_sha256"],
+            "model_files": _model_files(None, args.model),
             "wall_seconds": round(time.perf_counter() - t1, 1), "machines": _machines(None)}
     return time.perf_counter() - t0
 
@@ -321,7 +387,7 @@ def cmd_run(args) -> int:
     haystack = niah.haystack_text()
     t_end = time.monotonic() + args.max_minutes * 60 if args.max_minutes else math.inf
     plans = [PLANS[p] for p in args.plan.split(",")]
-    wanted = lambda m: not args.method or m in args.method  # noqa: E731  (--method)
+    wanted = lambda m: not args.method or m in args.method  # noqa: E731  (--method: full only when named)
     jobs = []
     for p in plans:
         lengths = args.ctx or p["lengths"]
@@ -338,15 +404,15 @@ def cmd_run(args) -> int:
                 if wanted("full"):
                     jobs.append((task, length, "full", None, n))
                 for b in budgets:
-                    for m in p["methods"]:
-                        if wanted(m):
+                    for m in args.method or p["methods"]:
+                        if m != "full":
                             jobs.append((task, length, m, b, n))
     for task, length, method, budget, n in jobs:
         if time.monotonic() > t_end:
             print("evidence: --max-minutes reached; run again to go on", file=sys.stderr)
             break
         if task == "kld":
-            methods = [m for p in plans if "kld" in p["tasks"] for m in p["methods"] if wanted(m)]
+            methods = [m for p in plans if "kld" in p["tasks"] for m in args.method or p["methods"] if m != "full"]
             wall = run_kld_group(store, length, budget, list(dict.fromkeys(methods)), args)
             label = f"kld/{length}/{budget:g}"
         else:
@@ -574,8 +640,9 @@ def plot(store: dict, path: str) -> None:
     cells = [c for c in ok if c["length"] == length]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     style = {"razor": ("tab:blue", "o"), "razor_paper": ("tab:purple", "s"), "streaming": ("tab:orange", "^")}
-    extra = sorted({c["method"] for c in cells if c["method"].startswith("razor_r")})
-    style.update({m: (color, "D") for m, color in zip(extra, ("tab:green", "tab:cyan", "tab:olive", "tab:brown"))})
+    extra = sorted({c["method"] for c in cells} - set(style) - {"full"})  # re-selected ratios, pins, ...
+    style.update({m: (color, "D") for m, color in zip(extra, ("tab:green", "tab:cyan", "tab:olive", "tab:brown",
+                                                                 "tab:red", "tab:pink", "tab:gray"))})
     for ax, task in zip(axes, (*TASKS, "kld")):
         full = next((c for c in cells if c["task"] == task and c["method"] == "full"), None)
         for m, (color, marker) in style.items():
@@ -626,7 +693,8 @@ def main(argv=None) -> int:
     r.add_argument("--budget", type=float, action="append", help="KV budgets instead of the plans' (repeatable)")
     r.add_argument("--n", type=int, help="prompts per retrieval cell instead of the plans'")
     r.add_argument("--task", action="append", help="only this task of the plans (passkey, mniah, kld; repeatable)")
-    r.add_argument("--method", action="append", help="only this method of the plans (full, razor, ...; repeatable)")
+    r.add_argument("--method", action="append",
+                   help="this method instead of the plans' (full, razor, razor_pins_r0.1, ...; repeatable)")
     r.add_argument("--n-gpu-layers", type=int, default=0)
     r.add_argument("--max-minutes", type=float, help="start no new cell after this long")
     r.add_argument("--no-progress", dest="progress", action="store_false")
@@ -642,6 +710,9 @@ def main(argv=None) -> int:
         bad = [p for p in args.plan.split(",") if p not in PLANS]
         if bad:
             ap.error(f"unknown plan {bad[0]!r}; plans: {', '.join(PLANS)}")
+        bad = [m for m in args.method or [] if not known_method(m)]
+        if bad:
+            ap.error(f"unknown method {bad[0]!r}; methods: {', '.join(METHODS)}, or one of them but full with _rX")
         if not os.path.isfile(args.model):
             ap.error(f"{args.model}: no such file")
     else:
