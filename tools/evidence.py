@@ -145,7 +145,8 @@ def load_store(path: pathlib.Path, model: str) -> dict:
             raise SystemExit(2)
         return store
     return {"schema": 1, "model": os.path.basename(model), "model_sha256": sha256_of(model),
-            "weights_sha256": weights_sha256(model), "settings": {"n_needles": N_NEEDLES, "max_new_tokens": MAX_NEW_TOKENS, "n_ubatch": N_UBATCH,
+            "weights_sha256": weights_sha256(model),
+            "settings": {"n_needles": N_NEEDLES, "max_new_tokens": MAX_NEW_TOKENS, "n_ubatch": N_UBATCH,
                          "kld_block": KLD_BLOCK, "flash_attn": True, "greedy": True}, "cells": {}}
 
 
@@ -156,17 +157,19 @@ def save_store(path: pathlib.Path, store: dict) -> None:
     os.replace(tmp, path)
 
 
-_SHA: dict[str, str] = {}
+def _file_sha256(path: str, h=None, offset: int = 0) -> str:
+    """sha256 of a file's bytes from offset on, continuing h when given."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def sha256_of(path: str) -> str:
-    if path not in _SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for b in iter(lambda: f.read(1 << 20), b""):
-                h.update(b)
-        _SHA[path] = h.hexdigest()
-    return _SHA[path]
+    return _file_sha256(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,11 +182,7 @@ def weights_sha256(path: str) -> str:
     h = hashlib.sha256()
     for t in r.tensors:
         h.update(f"{t.name}:{int(t.tensor_type)}:{[int(x) for x in t.shape]}:{t.data_offset - r.data_offset}\n".encode())
-    with open(path, "rb") as f:
-        f.seek(r.data_offset)
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
+    return _file_sha256(path, h, r.data_offset)
 
 
 def cache_sha256(llm, st: dict) -> str:
@@ -299,7 +298,8 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
             lo, hi = wilson(k, len(prompts))
             store["cells"][key] = {
                 "task": task, "length": length, **head, "cache_sha256": ident,
-                "model_files": _model_files(cell, args.model), "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
+                "model_files": _model_files(cell, args.model),
+                "correct": k, "n": len(prompts), "accuracy": k / len(prompts), "wilson95": [lo, hi],
                 "wall_seconds": round((cell or {}).get("wall_seconds", 0.0) + time.perf_counter() - t0, 1),
                 "machines": _machines(cell), "prompts": prompts}
             save()
