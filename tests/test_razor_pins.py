@@ -250,8 +250,10 @@ def test_reference_pass_chooses_the_pins_llama_cpp_chooses(mixed):
 def test_select_pins():
     s = np.zeros(40)
     s[[12, 30]] = [5.0, 3.0]
-    # pooled over 7: 9..15 and 27..33 light up; the top 4 are the earliest of the strongest
-    assert select_pins(s, 4, 4, 40) == [9, 10, 11, 12]
-    assert select_pins(s, 10, 4, 40)[-3:] == [27, 28, 29]
-    assert select_pins(s, 4, 4, 20, pool=1) == [4, 5, 6, 12]  # only [4, 20); zeros tie: the earliest
+    # a strong token pins PIN_BEFORE (2) before it and PIN_AFTER (12) after: 10..24, then 28..40; ties: the earliest
+    assert select_pins(s, 4, 4, 40) == [10, 11, 12, 13]
+    assert select_pins(s, 15, 4, 40) == list(range(10, 25))
+    assert select_pins(s, 20, 4, 40)[-5:] == [28, 29, 30, 31, 32]
+    assert select_pins(s, 3, 4, 40, before=1, after=1) == [11, 12, 13]
+    assert select_pins(s, 4, 4, 20, before=0, after=0) == [4, 5, 6, 12]  # only [4, 20); zeros tie: the earliest
     assert select_pins(s, 0, 4, 40) == [] and select_pins(s, 4, 4, 4) == []

@@ -192,6 +192,8 @@ def cache_sha256(llm, st: dict) -> str:
     spec = {k: st.get(k) for k in ("razor", "n_sink", "window", "layer_windows", "rings", "compensation", "pins",
                                    "kv_bytes")}
     spec["head_map"] = _native.head_map(llm._ctx.ctx) if st.get("razor") else None
+    if st.get("pins"):  # which tokens get pinned (absent without pins: those cells keep their identity)
+        spec["pin_span"] = pin_span()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -246,8 +248,16 @@ def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, 
     return llm, llm.razor_stats()
 
 
+def pin_span() -> list[int]:
+    """The tokens a pin keeps around each strong one, before and after (razor_gguf.pins)."""
+    from razor_gguf.pins import PIN_AFTER, PIN_BEFORE
+
+    return [PIN_BEFORE, PIN_AFTER]
+
+
 def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
-    return {"method": method, "budget": budget, "ctx": n_ctx, "supported": True, "kv_bytes": st["kv_bytes"],
+    return {**({"pin_span": pin_span()} if st.get("pins") else {}),
+            "method": method, "budget": budget, "ctx": n_ctx, "supported": True, "kv_bytes": st["kv_bytes"],
             "kv_fraction": st["kv_bytes"] / st["full_equiv_bytes"], "full_equiv_bytes": st["full_equiv_bytes"],
             "window": st["window"], "n_sink": st["n_sink"], "retrieval_heads": st["retrieval_heads"],
             "compensation": st["compensation"], "n_ubatch": n_ubatch,

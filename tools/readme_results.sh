@@ -92,6 +92,24 @@ if [[ $what == all || $what == eval ]]; then
   "${E10[@]}" --ctx 4096 --task mniah --method full
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-r10.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" --ref "$OUT/evidence-smollm2.json"
+  # the default at 2048 tokens, its passkey at 8192, its frontier at 4096 and StreamingLLM on the current NIAH-4
+  # prompts (a model embedded again: a second file; about 10 minutes a 2k cell, 50 the 8k passkey, 25 an 8k
+  # StreamingLLM NIAH-4 cell)
+  E2=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-r10-2.json")
+  "${E2[@]}" --plan fewer-heads-pins --ctx 8192 --task passkey --method razor_pins_r0.1
+  "${E2[@]}" --plan targets --ctx 4096 --ctx 8192 --task mniah --method streaming
+  "${E2[@]}" --plan fewer-heads-pins --ctx 2048 --method razor_pins_r0.1
+  "${E2[@]}" --plan targets --ctx 2048 --method full --method streaming
+  "${E2[@]}" --plan frontier --method razor_pins_r0.1 --budget 0.25 --budget 0.5 --budget 0.15
+  "${E2[@]}" --plan kld-frontier --method razor_pins_r0.1 --method streaming
+  # pins spanning 2 tokens before a strong one and 12 after (razor_gguf/pins.py): first the reference pass over
+  # the 2k NIAH-4 prompts (about 10 minutes), then the default's llama.cpp cells (about 50 minutes)
+  .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-span-reference-smollm2.json"
+  ES=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json" --plan fewer-heads-pins
+      --method razor_pins_r0.1)
+  for c in 2048 4096; do "${ES[@]}" --ctx $c --task mniah; "${ES[@]}" --ctx $c --task passkey; done
+  .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
+    --ref "$OUT/evidence-smollm2-pins-r10-2.json" --ref "$OUT/evidence-smollm2-pins-r10.json"
   # what --ratios decides on other calibration texts, lengths and probes (about 55 minutes)
   RC=(.venv/bin/python tools/ratio_calibration.py "$SMOL_R" --out "$OUT/ratio-calibration-smollm2.json")
   "${RC[@]}" --cell pydoc:2048:mniah4
