@@ -13,7 +13,9 @@ pins from those scores with its own span (tokens before and after a strong one):
   full    the full cache;
   pool7   3 before, 3 after: the symmetric 7-token pool used until 2026-12-03;
   fwd12   2 before, 12 after: razor_gguf.pins' default since;
-  fwd24   3 before, 24 after.
+  fwd24   3 before, 24 after;
+  fwd12s  fwd12 with the sinks' own scores left out of the pooling (fwd12 spends positions 4..12 on the BOS sink's
+          attention spilled forward).
 Each prompt records whether the answer came out whole and, per variant, the share of the asked needle's key
 tokens and of its sentence that were pinned. The JSON is rewritten after every prompt.
 """
@@ -35,7 +37,8 @@ from passkey_diagnosis import key_positions, needle_span, trials  # noqa: E402
 from reference_session import open_session  # noqa: E402
 
 SINKS = 4
-SPANS = {"pool7": (3, 3), "fwd12": (2, 12), "fwd24": (3, 24)}  # (before, after)
+SPANS = {"pool7": (3, 3), "fwd12": (2, 12), "fwd24": (3, 24), "fwd12s": (2, 12)}  # (before, after)
+SINKS_OUT = {"fwd12s"}
 
 
 def main(argv=None) -> int:
@@ -80,7 +83,10 @@ def main(argv=None) -> int:
         for v in variants:
             pins, policy = None, None
             if v != "full":
-                pins = select_pins(scores, args.pins, SINKS, n - W, *SPANS[v])
+                src = scores.copy()
+                if v in SINKS_OUT:
+                    src[:SINKS] = 0.0  # attention weights are >= 0: a sink no longer lights its neighbours
+                pins = select_pins(src, args.pins, SINKS, n - W, *SPANS[v])
                 policy = razor_policy(hp, head_map, SINKS, W, False, pins)
             logits = s.model.forward(toks, want_logits="all", logits_from=n - 1, attention=policy).numpy()
             row[v] = bool((logits.argmax(-1) == np.asarray(ans)).all())

@@ -105,6 +105,8 @@ if [[ $what == all || $what == eval ]]; then
   # pins spanning 2 tokens before a strong one and 12 after (razor_gguf/pins.py): first the reference pass over
   # the 2k NIAH-4 prompts (about 10 minutes), then the default's llama.cpp cells (about 50 minutes)
   .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-span-reference-smollm2.json"
+  .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-span-sinks-reference-smollm2.json" \
+    --variants fwd12,fwd12s
   ES=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json" --plan fewer-heads-pins
       --method razor_pins_r0.1)
   for c in 2048 4096; do "${ES[@]}" --ctx $c --task mniah; "${ES[@]}" --ctx $c --task passkey; done
