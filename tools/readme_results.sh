@@ -110,8 +110,17 @@ if [[ $what == all || $what == eval ]]; then
   ES=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json" --plan fewer-heads-pins
       --method razor_pins_r0.1)
   for c in 2048 4096; do "${ES[@]}" --ctx $c --task mniah; "${ES[@]}" --ctx $c --task passkey; done
+  # the default's frontier at 4096 with that span, StreamingLLM's NIAH-4 frontier on the current prompts, the
+  # prose cells (about 14 minutes a 4k retrieval cell of 10 prompts, 6 a StreamingLLM one)
+  ESF=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json")
+  "${ESF[@]}" --plan frontier --method streaming --budget 0.15 --budget 0.25 --budget 0.5
+  "${ESF[@]}" --plan frontier --method razor_pins_r0.1 --budget 0.15 --budget 0.25 --budget 0.5
+  "${ESF[@]}" --plan fewer-heads-pins-kld --method razor_pins_r0.1 --ctx 8192
+  "${ESF[@]}" --plan kld-frontier --method razor_pins_r0.1 --budget 0.35 --budget 0.25 --budget 0.5
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
-    --ref "$OUT/evidence-smollm2-pins-r10-2.json" --ref "$OUT/evidence-smollm2-pins-r10.json"
+    --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
+    --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
+    --ref "$OUT/evidence-smollm2.json" --plot "$OUT/evidence-smollm2-default.png"
   # what --ratios decides on other calibration texts, lengths and probes (about 55 minutes)
   RC=(.venv/bin/python tools/ratio_calibration.py "$SMOL_R" --out "$OUT/ratio-calibration-smollm2.json")
   "${RC[@]}" --cell pydoc:2048:mniah4
