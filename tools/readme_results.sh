@@ -107,12 +107,11 @@ if [[ $what == all || $what == eval ]]; then
   .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-span-reference-smollm2.json"
   .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-span-sinks-reference-smollm2.json" \
     --variants fwd12,fwd12s
-  ES=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json" --plan fewer-heads-pins
-      --method razor_pins_r0.1)
-  for c in 2048 4096; do "${ES[@]}" --ctx $c --task mniah; "${ES[@]}" --ctx $c --task passkey; done
-  # the default's frontier at 4096 with that span, StreamingLLM's NIAH-4 frontier on the current prompts, the
-  # prose cells (about 14 minutes a 4k retrieval cell of 10 prompts, 6 a StreamingLLM one)
   ESF=(.venv/bin/python tools/evidence.py run "$SMOL_R" --out "$OUT/evidence-smollm2-pins-span.json")
+  ES=("${ESF[@]}" --plan fewer-heads-pins --method razor_pins_r0.1)
+  for c in 2048 4096; do "${ES[@]}" --ctx $c --task mniah; "${ES[@]}" --ctx $c --task passkey; done
+  # the default's frontier at 4096 with that span, StreamingLLM's frontier on the current prompts, the prose
+  # cells (about 14 minutes a 4k retrieval cell of 10 prompts, 6 a StreamingLLM one)
   "${ESF[@]}" --plan frontier --method streaming --budget 0.15 --budget 0.25 --budget 0.5
   "${ESF[@]}" --plan frontier --method razor_pins_r0.1 --budget 0.15 --budget 0.25 --budget 0.5
   "${ESF[@]}" --plan fewer-heads-pins-kld --method razor_pins_r0.1 --ctx 8192
