@@ -116,6 +116,13 @@ if [[ $what == all || $what == eval ]]; then
   "${ESF[@]}" --plan frontier --method razor_pins_r0.1 --budget 0.15 --budget 0.25 --budget 0.5
   "${ESF[@]}" --plan fewer-heads-pins-kld --method razor_pins_r0.1 --ctx 8192
   "${ESF[@]}" --plan kld-frontier --method razor_pins_r0.1 --budget 0.35 --budget 0.25 --budget 0.5
+  # NIAH-4 at 4096 on 40 prompts (about 24 minutes each for the 20 new razor prompts, the full cache's 40 and
+  # StreamingLLM's 40), then the 8k retrieval cells (about 55 minutes each)
+  "${ES[@]}" --ctx 4096 --task mniah --n 40
+  "${ESF[@]}" --plan targets --ctx 4096 --task mniah --method full --n 40
+  "${ESF[@]}" --plan targets --ctx 4096 --task mniah --method streaming --n 40
+  "${ES[@]}" --ctx 8192 --task mniah
+  "${ES[@]}" --ctx 8192 --task passkey
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
     --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
