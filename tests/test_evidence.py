@@ -204,6 +204,40 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
     assert ev.same_prompts(cells["kld/512/razor/0.6"], cells["kld/512/streaming/0.6"])
 
 
+def test_evidence_kv_types_budget_against_f16(smollm2_razor, tmp_path):
+    """METHOD+TYPE runs the whole cache in that KV type with the budget still a fraction of the f16 cache: a
+    q8_0 cell at 0.4 allocates at most 0.4 of the f16 bytes (so more than 0.4 of a q8_0 full cache, a longer
+    window than f16 at the same memory); a budget above what a full q8_0 cache takes cannot run; the typed full
+    cache is one cell without a budget, paired with the f16 one in the report."""
+    model = str(smollm2_razor[0])
+    out = tmp_path / "ev.json"
+    base = ["run", model, "--out", str(out), "--ctx", "512", "--plan", "targets", "--task", "passkey", "--n", "1",
+            "--no-progress"]
+    r = _run(*base, "--budget", "0.4", "--method", "full", "--method", "full+q8_0", "--method", "streaming",
+             "--method", "streaming+q8_0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run(*base, "--budget", "0.6", "--method", "streaming+q8_0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"passkey/512/full", "passkey/512/full+q8_0", "passkey/512/streaming/0.4",
+                          "passkey/512/streaming+q8_0/0.4", "passkey/512/streaming+q8_0/0.6"}
+    full_q8, s16, s8 = (cells[k] for k in ("passkey/512/full+q8_0", "passkey/512/streaming/0.4",
+                                           "passkey/512/streaming+q8_0/0.4"))
+    assert full_q8["kv_type"] == "q8_0" and full_q8["kv_fraction"] == pytest.approx(34 / 64)
+    assert full_q8["full_equiv_bytes"] == cells["passkey/512/full"]["full_equiv_bytes"]
+    assert s8["kv_type"] == "q8_0" and s8["kv_fraction"] <= 0.4 < s8["kv_fraction_of_type"]
+    assert s8["window"] > s16["window"] and "kv_type" not in s16
+    assert s8["cache_sha256"] != s16["cache_sha256"]
+    assert not cells["passkey/512/streaming+q8_0/0.6"]["supported"]  # 0.6 of f16 > a whole q8_0 cache
+    r = _run("report", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| 512 | - | full+q8_0 | 0.531 |" in r.stdout
+    assert "- passkey 512: full+q8_0 " in r.stdout and " vs full " in r.stdout
+    assert "- passkey 512, budget 0.4: streaming+q8_0 " in r.stdout and " vs streaming " in r.stdout
+    r = _run(*base, "--method", "razor+q3_k")
+    assert r.returncode == 2 and "unknown method 'razor+q3_k'" in r.stderr
+
+
 def test_evidence_refuses_another_model(smollm2_path, tmp_path):
     out = tmp_path / "ev.json"
     out.write_text(json.dumps({"model": "x.gguf", "model_sha256": "0" * 64, "cells": {}}))

@@ -24,6 +24,9 @@ Methods (every one but `full` gets the same `kv_budget`; llama.cpp picks the lar
                whose embed-heads stored per-layer windows, the allocation's own effect (plan `layer-windows`);
   razor_pins   razor (no compensation row) with 64 pinned tokens per local head, chosen by a first read of each
                prompt (razor_gguf.pins; their rows come out of the same budget, so the window shrinks).
+  METHOD+TYPE  any method with its whole KV cache in TYPE (q8_0, q4_0, ...: llama.cpp's type_k = type_v, flash
+               attention on as in every cell); the budget stays a fraction of the f16 cache every other cell
+               measures against, so razor_pins_r0.1+q8_0 at 0.35 buys the window that fits 0.35 of the f16 bytes.
 Retrieval cells report accuracy with 95% Wilson intervals; KLD cells report mean KLD and top-1 agreement
 against the full cache with 95% block-bootstrap intervals (blocks of 256 positions) over held-out prose
 (Python's standard-library docstrings, never the calibration text of embed-heads).
@@ -46,6 +49,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from razor_gguf.evaluation import MAX_NEW_TOKENS, ctx_for, kld_tokens  # noqa: E402
 from razor_gguf.intervals import block_means, bootstrap_ratio, sign_test, wilson  # noqa: E402
+from razor_gguf.overrides import KV_CACHE_TYPES, parse_kv_type  # noqa: E402
 
 TASKS = ("passkey", "mniah")
 METHODS = {
@@ -129,7 +133,7 @@ def is_correct(task: str, answer: str, expected: str) -> bool:
 
 
 def cell_key(task: str, length: int, method: str, budget: float | None) -> str:
-    return f"{task}/{length}/{method}" + ("" if method == "full" else f"/{budget:g}")
+    return f"{task}/{length}/{method}" + ("" if is_full(method) else f"/{budget:g}")
 
 
 def load_store(path: pathlib.Path, model: str) -> dict:
@@ -191,6 +195,8 @@ def cache_sha256(llm, st: dict) -> str:
 
     spec = {k: st.get(k) for k in ("razor", "n_sink", "window", "layer_windows", "rings", "compensation", "pins",
                                    "kv_bytes")}
+    if st.get("kv_type"):  # only typed caches name theirs: the f16 cells keep their identity
+        spec["kv_type"] = st["kv_type"]
     spec["head_map"] = _native.head_map(llm._ctx.ctx) if st.get("razor") else None
     if st.get("pins"):  # which tokens get pinned (absent without pins: those cells keep their identity)
         spec["pin_span"] = pin_span()
@@ -217,12 +223,38 @@ def machine_summary() -> dict:
 # ------------------------------------------------------------------------------------------- runs
 
 
+def split_method(method: str) -> tuple[str, str | None]:
+    """("razor_pins_r0.1", "q8_0") of "razor_pins_r0.1+q8_0"; (method, None) without a KV type."""
+    base, sep, kv_type = method.partition("+")
+    return (base, kv_type) if sep else (method, None)
+
+
+def is_full(method: str) -> bool:
+    return split_method(method)[0] == "full"
+
+
+def f16_bytes_per(kv_type: str | None) -> float:
+    """Bytes of an f16 cache per byte of one in kv_type (f16 and untyped: 1): rows of whole blocks scale exactly."""
+    import gguf
+
+    if kv_type is None:
+        return 1.0
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_type.upper()]]
+    return 2.0 / (size / block)
+
+
 def method_options(method: str) -> dict:
-    """razor_gguf.Llama options of a method: METHODS, or METHOD_rX = that method with retrieval ratio X."""
+    """razor_gguf.Llama options of a method: METHODS, or METHOD_rX = that method with retrieval ratio X, either
+    with +TYPE = the KV cache in that type."""
+    method, kv_type = split_method(method)
+    extra = {}
+    if kv_type is not None:
+        t = parse_kv_type(kv_type)  # ValueError for a type llama.cpp's caches do not take
+        extra = {"type_k": t, "type_v": t}
     base, sep, ratio = method.rpartition("_r")
     if sep and base in METHODS and base != "full":
-        return {**METHODS[base], "retrieval_ratio": float(ratio)}
-    return dict(METHODS[method])
+        return {**METHODS[base], "retrieval_ratio": float(ratio), **extra}
+    return {**METHODS[method], **extra}
 
 
 def known_method(method: str) -> bool:
@@ -238,14 +270,16 @@ def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, 
     from razor_gguf.llama import Llama, RazorUnavailableError
 
     kw = method_options(method)
-    if method != "full":
-        kw["kv_budget"] = budget
+    if not is_full(method):
+        # a fraction of the f16 cache, as llama.cpp's fraction of the cache in this method's type
+        kw["kv_budget"] = budget * f16_bytes_per(split_method(method)[1])
     try:
         llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=True, seed=0,
                     verbose=False, n_gpu_layers=args.n_gpu_layers, **kw, **extra)
     except (RazorUnavailableError, ValueError) as e:
         return None, str(e).splitlines()[0]
-    return llm, llm.razor_stats()
+    kv_type = split_method(method)[1]
+    return llm, {**llm.razor_stats(), **({"kv_type": kv_type} if kv_type else {})}
 
 
 def pin_span() -> list[int]:
@@ -256,9 +290,14 @@ def pin_span() -> list[int]:
 
 
 def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
-    return {**({"pin_span": pin_span()} if st.get("pins") else {}),
+    """What a cell ran; kv_fraction and full_equiv_bytes are of the f16 cache (a typed cell adds its type and its
+    fraction of the full cache in that type)."""
+    kv_type = split_method(method)[1]
+    full = st["full_equiv_bytes"] * f16_bytes_per(kv_type)
+    typed = {"kv_type": kv_type, "kv_fraction_of_type": st["kv_bytes"] / st["full_equiv_bytes"]} if kv_type else {}
+    return {**({"pin_span": pin_span()} if st.get("pins") else {}), **typed,
             "method": method, "budget": budget, "ctx": n_ctx, "supported": True, "kv_bytes": st["kv_bytes"],
-            "kv_fraction": st["kv_bytes"] / st["full_equiv_bytes"], "full_equiv_bytes": st["full_equiv_bytes"],
+            "kv_fraction": st["kv_bytes"] / full, "full_equiv_bytes": round(full),
             "window": st["window"], "n_sink": st["n_sink"], "retrieval_heads": st["retrieval_heads"],
             "compensation": st["compensation"], "n_ubatch": n_ubatch,
             "ring_windows": [w for w, _ in st.get("rings") or []]}
@@ -413,9 +452,12 @@ def cmd_run(args) -> int:
                     continue
                 if wanted("full"):
                     jobs.append((task, length, "full", None, n))
+                for m in args.method or p["methods"]:
+                    if is_full(m) and m != "full":  # a typed full cache: one cell, no budget
+                        jobs.append((task, length, m, None, n))
                 for b in budgets:
                     for m in args.method or p["methods"]:
-                        if m != "full":
+                        if not is_full(m):
                             jobs.append((task, length, m, b, n))
     for task, length, method, budget, n in jobs:
         if time.monotonic() > t_end:
@@ -457,11 +499,14 @@ def report(store: dict) -> str:
             continue
         lines += [f"**{task}**", "", "| length | budget | method | KV / full | window | accuracy |", "|---|---|---|---|---|---|"]
         for length in lengths:
-            full = cells.get(cell_key(task, length, "full", None))
-            if full:
-                lines.append(f"| {length} | - | full{_source(full)} | 1.000 | - | {_acc(full)} |")
+            for m in _method_order({c["method"] for c in cells.values() if is_full(c["method"])}):
+                # the f16 full cache, then the same in other KV types
+                full = cells.get(cell_key(task, length, m, None))
+                if full:
+                    kv = f"{full.get('kv_fraction', 1.0):.3f}"
+                    lines.append(f"| {length} | - | {m}{_source(full)} | {kv} | - | {_acc(full)} |")
             for b in budgets:
-                ms = _method_order({c["method"] for c in cells.values() if c["method"] != "full"})
+                ms = _method_order({c["method"] for c in cells.values() if not is_full(c["method"])})
                 for m in ms:
                     c = cells.get(cell_key(task, length, m, b))
                     if c is None:
@@ -504,15 +549,19 @@ def paired_accuracy(store: dict) -> list[str]:
     out = []
     for c in sorted(cells.values(), key=lambda c: (c["task"], c["length"], c["budget"] or 0, c["method"])):
         base = c["method"].replace("razor_pins", "razor", 1) if c["method"].startswith("razor_pins") else "razor"
+        if split_method(c["method"])[1]:  # a method in another KV type: against itself in f16
+            base = split_method(c["method"])[0]
         if c["task"] == "kld" or c["method"] in ("full", base) or not c.get("supported"):
             continue
         r = cells.get(cell_key(c["task"], c["length"], base, c["budget"]))
         if not (r and r.get("supported")):
             continue
         k_c, k_r, n, b, d = discordant(c, r)
-        out.append(f"- {c['task']} {c['length']}, budget {c['budget']:g}: {c['method']} {k_c}/{n} vs {base} {k_r}/{n}; "
+        at = "" if c["budget"] is None else f", budget {c['budget']:g}"
+        out.append(f"- {c['task']} {c['length']}{at}: {c['method']} {k_c}/{n} vs {base} {k_r}/{n}; "
                    f"{b} vs {d} discordant (sign test p = {sign_test(b, d):.3g})")
-    return ["**each method against razor (with pins: against the same without) on the same prompts**", "", *out,
+    return ["**each method against razor (with pins: against the same without; in another KV type: against the same "
+            "in f16) on the same prompts**", "", *out,
             ""] if out else []
 
 
@@ -543,11 +592,16 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
     out = [f"**targets at budget {budget:g}**", ""]
     for length in (4096, 8192):
         for task in TASKS:
-            f, s = (cells.get(cell_key(task, length, m, None if m == "full" else budget)) for m in ("full", "streaming"))
+            f = cells.get(cell_key(task, length, "full", None))
             if not f:
                 continue
             for method in _razor_methods(cells, task, length, budget):
                 r = cells[cell_key(task, length, method, budget)]
+                # StreamingLLM at the same memory in the same KV type when measured, else in f16
+                kv_type = split_method(method)[1]
+                s = cells.get(cell_key(task, length, f"streaming+{kv_type}", budget)) if kv_type else None
+                s_name = f"streaming+{kv_type}" if s else "streaming"
+                s = s or cells.get(cell_key(task, length, "streaming", budget))
                 if not r.get("supported") or r["n"] < TARGET_PROMPTS:
                     continue
                 if not same_prompts(r, f):
@@ -560,10 +614,13 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
                         f"{'met' if d_full >= -5 else 'MISSED'}); ")
                 if s and s.get("supported") and same_prompts(r, s):
                     d_str = 100 * (r["accuracy"] - s["accuracy"])
-                    line += (f"streaming{_source(s)} {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target "
+                    line += (f"{s_name}{_source(s)} {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target "
                              f">= 30: {'met' if d_str >= 30 else 'MISSED'}); ")
                 else:
                     line += "streaming not measured on these prompts; "
+                ft = cells.get(cell_key(task, length, f"full+{kv_type}", None)) if kv_type else None
+                if ft and same_prompts(r, ft):  # what the type alone costs, beside what razor does
+                    line += f"full+{kv_type} {ft['accuracy']:.0%} ({_discordant(r, ft)}); "
                 out.append(line + f"{method} KV {r['kv_fraction']:.3f} of full")
         s = cells.get(cell_key("kld", length, "streaming", budget))
         if length != 8192 or not (s and s.get("supported")):
@@ -636,7 +693,8 @@ def _razor_methods(cells: dict, task: str, length: int, budget: float) -> list[s
     """The methods with a cell at (task, length, budget) other than the references (full, streaming), razor
     first: the default is what the targets are for; the others (pins, other ratios) are reported beside it."""
     return _method_order({c["method"] for c in cells.values() if c["task"] == task and c["length"] == length
-                          and c["budget"] == budget and c["method"] not in ("full", "streaming")})
+                          and c["budget"] == budget and not is_full(c["method"])
+                          and split_method(c["method"])[0] != "streaming"})
 
 
 def plot(store: dict, path: str) -> None:
@@ -704,7 +762,7 @@ def main(argv=None) -> int:
     r.add_argument("--n", type=int, help="prompts per retrieval cell instead of the plans'")
     r.add_argument("--task", action="append", help="only this task of the plans (passkey, mniah, kld; repeatable)")
     r.add_argument("--method", action="append",
-                   help="this method instead of the plans' (full, razor, razor_pins_r0.1, ...; repeatable)")
+                   help="this method instead of the plans' (full, razor, razor_pins_r0.1, streaming+q8_0, ...; repeatable)")
     r.add_argument("--n-gpu-layers", type=int, default=0)
     r.add_argument("--max-minutes", type=float, help="start no new cell after this long")
     r.add_argument("--no-progress", dest="progress", action="store_false")
@@ -722,7 +780,8 @@ def main(argv=None) -> int:
             ap.error(f"unknown plan {bad[0]!r}; plans: {', '.join(PLANS)}")
         bad = [m for m in args.method or [] if not known_method(m)]
         if bad:
-            ap.error(f"unknown method {bad[0]!r}; methods: {', '.join(METHODS)}, or one of them but full with _rX")
+            ap.error(f"unknown method {bad[0]!r}; methods: {', '.join(METHODS)}, or one of them but full with _rX, "
+                     f"any with +TYPE ({', '.join(KV_CACHE_TYPES)})")
         if not os.path.isfile(args.model):
             ap.error(f"{args.model}: no such file")
     else:

@@ -123,6 +123,12 @@ if [[ $what == all || $what == eval ]]; then
   "${ESF[@]}" --plan targets --ctx 4096 --task mniah --method streaming --n 40
   "${ES[@]}" --ctx 8192 --task mniah
   "${ES[@]}" --ctx 8192 --task passkey
+  # the whole cache in q8_0 at 0.35 of the f16 cache's bytes (the default's window 2172 instead of 714), against
+  # StreamingLLM in q8_0 at the same bytes and the full cache in q8_0 (about 75, 25 and 25 minutes; passkey 25)
+  for m in razor_pins_r0.1+q8_0 streaming+q8_0 full+q8_0; do
+    "${ESF[@]}" --plan targets --ctx 4096 --budget 0.35 --task mniah --method $m --n 40
+  done
+  "${ESF[@]}" --plan targets --ctx 4096 --budget 0.35 --task passkey --method razor_pins_r0.1+q8_0
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
     --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
