@@ -49,6 +49,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (-1: all)")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True,
                    help="flash attention (default on)")
+    add_kv_type_arguments(p)
     add_rpc_argument(p)
     g = p.add_argument_group("razor (environment variables RAZOR, RAZOR_N_SINK, RAZOR_WINDOW, "
                              "RAZOR_RETRIEVAL_RATIO, RAZOR_COMPENSATION, RAZOR_KV_BUDGET, RAZOR_PINS set the defaults)")
@@ -68,6 +69,34 @@ def add_model_arguments(p: argparse.ArgumentParser, *, default_ctx: int) -> None
     g.add_argument("--pins", type=int, metavar="N",
                    help="tokens of each prompt every local head keeps beside its window, chosen by a first read of the "
                         "prompt (needs --no-compensation; default 0)")
+
+
+def add_kv_type_arguments(p) -> None:
+    from .overrides import KV_CACHE_TYPES
+
+    for part in ("k", "v"):
+        p.add_argument(f"--cache-type-{part}", f"-ct{part}", metavar="TYPE",
+                       help=f"KV cache type for {part.upper()} ({', '.join(KV_CACHE_TYPES)}; default f16). With razor a "
+                            "fractional --kv-budget is of the full cache in these types" +
+                            (" (a quantized V needs flash attention)" if part == "v" else ""))
+
+
+def kv_type_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """type_k / type_v for llama_cpp.Llama from --cache-type-k / --cache-type-v (absent: llama.cpp's f16)."""
+    from .overrides import parse_kv_type
+
+    kw: dict[str, Any] = {}
+    for part in ("k", "v"):
+        name = getattr(args, f"cache_type_{part}", None)
+        if name is not None:
+            try:
+                kw[f"type_{part}"] = parse_kv_type(name)
+            except ValueError as e:
+                raise UserError(f"--cache-type-{part}: {e}") from None
+    if kw.get("type_v", 1) not in (0, 1, 30) and not getattr(args, "flash_attn", True):
+        raise UserError(f"--cache-type-v {args.cache_type_v}: a quantized V cache needs flash attention "
+                        "(drop --no-flash-attn)")
+    return kw
 
 
 def add_rpc_argument(p) -> None:
@@ -122,7 +151,8 @@ def llama_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.n_batch < 1:
         raise UserError(f"--n-batch must be at least 1, got {args.n_batch}")
     kw: dict[str, Any] = {"n_ctx": args.ctx, "n_batch": args.n_batch, "n_gpu_layers": args.n_gpu_layers,
-                          "flash_attn": args.flash_attn, **rpc_kwargs(args.rpc, args.n_gpu_layers)}
+                          "flash_attn": args.flash_attn, **rpc_kwargs(args.rpc, args.n_gpu_layers),
+                          **kv_type_kwargs(args)}
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")

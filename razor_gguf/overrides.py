@@ -25,6 +25,18 @@ def parse_kv_budget(value: float | str) -> tuple[str, float | int]:
     raise ValueError(f"kv_budget must be a fraction of the full cache in (0, 1] or a size such as 96MiB or 1.5GiB, got {value!r}")
 
 
+# llama.cpp's KV cache types (common/arg.cpp's kv_cache_types) and their ggml_type ids
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
+
+
+def parse_kv_type(name: str) -> int:
+    """The ggml_type id of a KV cache type as llama.cpp's -ctk / -ctv name it ("q8_0" -> 8); ValueError otherwise."""
+    t = KV_CACHE_TYPES.get(str(name).strip().lower())
+    if t is None:
+        raise ValueError(f"KV cache type must be one of {', '.join(KV_CACHE_TYPES)}, got {name!r}")
+    return t
+
+
 def razor_overrides(razor: bool | None = None, n_sink: int | None = None, window: int | None = None,
                     retrieval_ratio: float | None = None, compensation: bool | None = None,
                     kv_budget: float | str | None = None, layer_windows: bool | None = None,

@@ -149,7 +149,8 @@ def build_app(args: argparse.Namespace):
         model=args.model, model_alias=args.model_alias or os.path.splitext(os.path.basename(args.model))[0],
         n_ctx=kw["n_ctx"], n_batch=kw["n_batch"], n_gpu_layers=kw["n_gpu_layers"], flash_attn=kw["flash_attn"],
         kv_overrides=kv_override_strings(overrides) or None, chat_format=args.chat_format, verbose=args.verbose,
-        **({"n_threads": kw["n_threads"], "n_threads_batch": kw["n_threads"]} if "n_threads" in kw else {}))
+        **({"n_threads": kw["n_threads"], "n_threads_batch": kw["n_threads"]} if "n_threads" in kw else {}),
+        **{k: kw[k] for k in ("type_k", "type_v") if k in kw})
     # interrupt_requests=False: a second client waits for the first instead of cutting its stream off.
     server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key,
                                      interrupt_requests=False)

@@ -87,6 +87,25 @@ def test_chat_in_a_terminal(smollm2_razor, tmp_path):
     assert json.loads(transcript.read_text()) == saved  # /load never writes
 
 
+def test_chat_kv_cache_types(smollm2_razor):
+    """-ctk / -ctv as in llama.cpp: razor's cache and the full cache it is measured against are both q8_0
+    (34 bytes per 32 values: 23.9 MiB full at 2048 tokens instead of f16's 45)."""
+    child = _spawn(str(smollm2_razor[0]), "-ctk", "q8_0", "-ctv", "q8_0", "--system", "You are a helpful assistant.")
+    try:
+        child.expect(r"KV ([\d.]+) MiB razor vs ([\d.]+) MiB full")
+        kv, full = (float(x) for x in child.match.groups())
+        assert full == pytest.approx(2048 * 30 * 2 * 192 * 34 / 32 / 2**20, abs=0.01) and kv < full
+        child.expect_exact("> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect_exact("> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 def test_chat_without_head_map_says_so(smollm2_path):
     child = _spawn(smollm2_path)
     try:
@@ -106,6 +125,8 @@ def test_chat_without_head_map_says_so(smollm2_path):
     (["MODEL", "--window", "0"], "window must be >= 1"),
     (["MODEL", "--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["MODEL", "--pins", "-1"], "pins must be >= 0"),
+    (["MODEL", "--cache-type-k", "q3_k"], "--cache-type-k: KV cache type must be one of f32, f16"),
+    (["MODEL", "-ctv", "q8_0", "--no-flash-attn"], "a quantized V cache needs flash attention"),
 ])
 def test_chat_bad_input_is_one_line_exit_2(smollm2_path, args, message):
     args = [smollm2_path if a == "MODEL" else a for a in args]

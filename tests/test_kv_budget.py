@@ -54,6 +54,20 @@ def test_budget_in_mib(smollm2_razor):
     assert st["window"] > 512  # 40 of the 90 MiB full cache buys more than the default window
 
 
+def test_budget_of_a_quantized_cache(smollm2_razor):
+    """With type_k = type_v = q8_0 a fractional budget is of the full cache in q8_0 (what the same context would
+    otherwise allocate), so the same fraction buys about the same window; a size buys a longer window than it
+    does in f16 (what tools/evidence.py's +q8_0 methods use)."""
+    q8 = dict(type_k=8, type_v=8, flash_attn=True)
+    st16 = _stats(smollm2_razor[0], 4096, kv_budget=0.35)
+    st8 = _stats(smollm2_razor[0], 4096, kv_budget=0.35, **q8)
+    assert st8["full_equiv_bytes"] == st16["full_equiv_bytes"] * 34 // 64
+    assert st8["kv_bytes"] <= 0.35 * st8["full_equiv_bytes"] and abs(st8["window"] - st16["window"]) <= 256
+    mib = st16["kv_bytes"] / 2**20
+    by_size = _stats(smollm2_razor[0], 4096, kv_budget=f"{mib:.3f}MiB", **q8)
+    assert by_size["kv_bytes"] <= st16["kv_bytes"] and by_size["window"] > 2 * st16["window"]
+
+
 def test_budget_below_the_smallest_names_it(smollm2_razor):
     with pytest.raises(ValueError, match=r"below the smallest razor cache for n_ctx = 4096") as e:
         _stats(smollm2_razor[0], 4096, kv_budget=0.15)

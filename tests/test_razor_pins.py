@@ -63,6 +63,20 @@ def test_pins_match_oracle(mixed, flash_attn, n_ubatch):
     assert np.abs(got - _oracle(mixed, toks)).max() > 10 * err
 
 
+def test_pins_in_a_q8_0_cache(mixed):
+    """Pins in a q8_0 cache (tools/evidence.py's +q8_0 cells): a pinned row is copied out of its ring cell
+    dequantized and stored again in q8_0; the logits stay as close to the oracle as without pins."""
+    from razor_gguf import _native
+
+    toks = _tokens(mixed[1], 100)
+    errs = []
+    for pins in (PINS, []):
+        with _raw(mixed, flash_attn=True, kv_type=8) as rc:  # GGML_TYPE_Q8_0
+            assert _native.set_pins(rc.ctx, pins) == len(pins)
+            errs.append(np.abs(_decode(rc, toks) - _oracle(mixed, toks, pins)).max())
+    assert errs[0] < 1.5 * errs[1] + F16_TOL, errs
+
+
 def test_pin_rows_unused_are_invisible(mixed):
     """Pin rows allocated but nothing pinned: the same logits as without pin rows (the rows are masked)."""
     toks = _tokens(mixed[1], 100, seed=2)

@@ -56,7 +56,7 @@ class RawContext:
 
     def __init__(self, path: str | os.PathLike[str], *, n_ctx: int, n_batch: int, n_ubatch: int,
                  n_seq_max: int = 1, unified: bool = False, flash_attn: bool = False, f32_kv: bool = True,
-                 kv_overrides: dict | None = None, n_gpu_layers: int = 0) -> None:
+                 kv_overrides: dict | None = None, n_gpu_layers: int = 0, kv_type: int | None = None) -> None:
         from razor_gguf import Llama  # binds llama_cpp to the patched libraries: before importing it
 
         import llama_cpp
@@ -70,7 +70,9 @@ class RawContext:
         p.n_threads = p.n_threads_batch = 2
         p.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        if f32_kv:
+        if kv_type is not None:  # a ggml_type for both K and V (f32_kv ignored)
+            p.type_k = p.type_v = kv_type
+        elif f32_kv:
             p.type_k = p.type_v = GGML_TYPE_F32
         self.ctx = llama_cpp.llama_init_from_model(self.host._model.model, p)
         if not self.ctx:
