@@ -1,5 +1,6 @@
 """`razor-gguf chat` driven as a user would: in a pseudo-terminal (pexpect), reading what the screen shows."""
 
+import contextlib
 import json
 import re
 import subprocess
@@ -18,6 +19,19 @@ def _spawn(model: str, *extra: str):
                                            "--ctx", "2048", "--n-batch", "128", *extra],
                           encoding="utf-8", timeout=120, dimensions=(40, 200))
     return child
+
+
+@contextlib.contextmanager
+def _session(model: str, *extra: str):
+    """A chat in a pseudo-terminal that the block drives up to a prompt; then /quit leaves it with status 0."""
+    child = _spawn(model, *extra)
+    try:
+        yield child
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 def test_chat_in_a_terminal(smollm2_razor, tmp_path):
@@ -90,8 +104,8 @@ def test_chat_in_a_terminal(smollm2_razor, tmp_path):
 def test_chat_kv_cache_types(smollm2_razor):
     """-ctk / -ctv as in llama.cpp: razor's cache and the full cache it is measured against are both q8_0
     (34 bytes per 32 values: 23.9 MiB full at 2048 tokens instead of f16's 45)."""
-    child = _spawn(str(smollm2_razor[0]), "-ctk", "q8_0", "-ctv", "q8_0", "--system", "You are a helpful assistant.")
-    try:
+    with _session(str(smollm2_razor[0]), "-ctk", "q8_0", "-ctv", "q8_0", "--system", "You are a helpful assistant.") \
+            as child:
         child.expect(r"KV ([\d.]+) MiB razor vs ([\d.]+) MiB full")
         kv, full = (float(x) for x in child.match.groups())
         assert full == pytest.approx(2048 * 30 * 2 * 192 * 34 / 32 / 2**20, abs=0.01) and kv < full
@@ -99,24 +113,13 @@ def test_chat_kv_cache_types(smollm2_razor):
         child.sendline("What is the capital of France?")
         child.expect("Paris")
         child.expect_exact("> ")
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 def test_chat_without_head_map_says_so(smollm2_path):
-    child = _spawn(smollm2_path)
-    try:
+    with _session(smollm2_path) as child:
         child.expect("no razor head map: running the full KV cache .*razor-gguf embed-heads")
         child.expect(r"KV [\d.]+ MiB full cache\]")
         child.expect_exact("> ")
-        child.sendline("/quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
 
 
 @pytest.mark.parametrize("args, message", [
