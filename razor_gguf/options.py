@@ -83,7 +83,7 @@ def add_kv_type_arguments(p) -> None:
 
 def kv_type_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """type_k / type_v for llama_cpp.Llama from --cache-type-k / --cache-type-v (absent: llama.cpp's f16)."""
-    from .overrides import parse_kv_type
+    from .overrides import KV_CACHE_TYPES, parse_kv_type
 
     kw: dict[str, Any] = {}
     for part in ("k", "v"):
@@ -93,7 +93,8 @@ def kv_type_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 kw[f"type_{part}"] = parse_kv_type(name)
             except ValueError as e:
                 raise UserError(f"--cache-type-{part}: {e}") from None
-    if kw.get("type_v", 1) not in (0, 1, 30) and not getattr(args, "flash_attn", True):
+    unquantized = {KV_CACHE_TYPES[t] for t in ("f32", "f16", "bf16")}
+    if kw.get("type_v", KV_CACHE_TYPES["f16"]) not in unquantized and not getattr(args, "flash_attn", True):
         raise UserError(f"--cache-type-v {args.cache_type_v}: a quantized V cache needs flash attention "
                         "(drop --no-flash-attn)")
     return kw

@@ -270,15 +270,15 @@ def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, 
     from razor_gguf.llama import Llama, RazorUnavailableError
 
     kw = method_options(method)
+    kv_type = split_method(method)[1]
     if not is_full(method):
         # a fraction of the f16 cache, as llama.cpp's fraction of the cache in this method's type
-        kw["kv_budget"] = budget * f16_bytes_per(split_method(method)[1])
+        kw["kv_budget"] = budget * f16_bytes_per(kv_type)
     try:
         llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=True, seed=0,
                     verbose=False, n_gpu_layers=args.n_gpu_layers, **kw, **extra)
     except (RazorUnavailableError, ValueError) as e:
         return None, str(e).splitlines()[0]
-    kv_type = split_method(method)[1]
     return llm, {**llm.razor_stats(), **({"kv_type": kv_type} if kv_type else {})}
 
 
