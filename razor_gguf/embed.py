@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 from . import __version__
 from .errors import UserError, error
 from .metadata import (
@@ -72,6 +74,7 @@ def embed_heads(
     layer_windows: bool = False,
     ratios: bool | None = None,
     device: str = "auto",
+    reorder_heads: bool = False,
 ) -> dict:
     """Score the heads of the GGUF `input` and write a copy with the razor.* keys to `output`.
 
@@ -88,6 +91,8 @@ def embed_heads(
     with the calibration, and where this model cannot be measured (e.g. the selection's heads alone exceed the
     budget) the selection's map is kept with a notice; True: that is an error; False: not measured.
     device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
+    reorder_heads: store each layer's KV heads retrieval heads first (razor_gguf.head_order: the weights renumbered
+    with them, razor.head_order recording the source's numbering), so the cache needs no head permutation.
     """
     reader = open_gguf(input)
     from .reference import ReferenceError, read_hparams
@@ -150,6 +155,11 @@ def embed_heads(
     if calibrate:
         calibration, budgets, windows, measured_ratios, scores = _calibrate(input, model, scores, n_sink, window,
                                                                             layer_windows, ratios)
+    from .head_order import source_order
+
+    tensors, order = {}, source_order(reader)  # a file reordered before keeps its source's numbering
+    if reorder_heads:
+        scores, tensors, order = _reordered(input, reader, scores, hp, order)
     size = os.path.getsize(input)
     with _bar(size, "sha256", unit="B", unit_scale=True) as bar:
         digest = sha256_file(input, bar.update)
@@ -164,12 +174,13 @@ def embed_heads(
         budgets=budgets,
         layer_windows=windows,
         ratios=measured_ratios,
+        head_order=order,
     )
     if not dry_run:
         total = sum(int(t.n_bytes) for t in reader.tensors)
         with _bar(total, "writing", unit="B", unit_scale=True) as bar:
             try:
-                write_with_razor(reader, output, kv, bar.update)
+                write_with_razor(reader, output, kv, bar.update, tensors=tensors)
             except OSError as e:
                 raise UserError(f"{output}: write failed ({e.strerror or e})") from None
     summary = _summary_from_kv(kv)
@@ -183,6 +194,27 @@ def embed_heads(
     if device == "cuda":
         summary["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
     return summary
+
+
+def _reordered(input: str, reader, scores, hp, prior):
+    """The scores, the renumbered attention tensors and the source numbering (composed with `prior`, the input's
+    own where it was reordered before) for KV heads stored retrieval heads first."""
+    import dataclasses
+
+    from .head_order import ReorderError, apply_order, reordered_tensors, retrieval_first
+
+    order = retrieval_first(scores.head_map)
+    try:
+        tensors = reordered_tensors(reader, order, hp.n_head, hp.n_head_kv)
+    except ReorderError as e:
+        raise UserError(f"{input}: --reorder-heads: {e}") from None
+    n_gqa = scores.n_head // scores.n_head_kv
+    q_order = (order[:, :, None] * n_gqa + np.arange(n_gqa)).reshape(order.shape[0], -1)  # query heads follow
+    scores = dataclasses.replace(
+        scores, head_map=apply_order(scores.head_map, order), echo=apply_order(scores.echo, order),
+        induction=apply_order(scores.induction, order), echo_q=apply_order(scores.echo_q, q_order),
+        induction_q=apply_order(scores.induction_q, q_order))
+    return scores, tensors, order if prior is None else apply_order(prior, order)
 
 
 def _with_ratio(scores, m):
@@ -302,6 +334,7 @@ def format_summary(info: dict, detail: bool = True) -> str:
         *_ratio_lines(info),
         *_layer_window_lines(info),
         f"retrieval heads in layers: {', '.join(map(str, retr_layers)) or 'none'}",
+        *(["KV heads stored retrieval heads first (razor.head_order: the source's numbering)"] if info.get("head_order") else []),
         # per-layer arrays are shown above (or by --json), not in this line
         "provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if not (isinstance(v, list) and len(v) > 8)),
     ]
@@ -412,7 +445,7 @@ def cmd_embed_heads(args) -> int:
             args.input, args.output, induction_ratio=args.induction_ratio, echo_ratio=args.echo_ratio,
             probe_len=args.probe_len, seed=args.seed, n_sink=args.n_sink, window=args.window,
             force=args.force, dry_run=args.dry_run, calibrate=args.calibration, layer_windows=args.layer_windows,
-            ratios=args.ratios, device=args.device)
+            ratios=args.ratios, device=args.device, reorder_heads=args.reorder_heads)
     except (UserError, MetadataError) as e:
         return error(str(e))
     except KeyboardInterrupt:
@@ -481,6 +514,12 @@ def add_subcommands(sub) -> None:
                         "notice (an error with --ratios); --no-ratios skips it")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
+    e.add_argument("--reorder-heads", action="store_true",
+                   help="store each layer's KV heads retrieval heads first, renumbering the attention weights with "
+                        "them (the same model, but attn_output adds its terms in another order: outputs change at "
+                        "rounding level), so the razor cache splits and joins head groups with views instead of "
+                        "gathering them every token (4 fewer graph ops per split layer); razor.head_order records "
+                        "the source's numbering")
     e.add_argument("--force", action="store_true", help="overwrite OUT and replace existing razor.* keys")
     e.add_argument("--dry-run", action="store_true", help="score and report, write nothing")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")

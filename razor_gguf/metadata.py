@@ -138,13 +138,15 @@ def ratios_kv(m) -> dict:
 
 
 def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source_sha256: str, tool_version: str,
-                   calibration=None, budgets=None, layer_windows=None, ratios=None) -> dict:
+                   calibration=None, budgets=None, layer_windows=None, ratios=None, head_order=None) -> dict:
     """The razor.* keys as {key: (GGUFValueType, value, sub_type)}. calibration: a
     razor_gguf.calibration.CompensationMeasurement (the measured compensation default), or None; budgets: a
     razor_gguf.calibration.BudgetMeasurement (the recommended KV budget becomes razor.kv_budget), or None;
     layer_windows: a razor_gguf.layer_windows.LayerWindowMeasurement (its allocation becomes
     razor.layer_window_scale only where it was adopted), or None; ratios: a razor_gguf.ratios.RatioMeasurement
-    (provenance, and razor.n_pin where its pins were adopted; scores carry the adopted map), or None."""
+    (provenance, and razor.n_pin where its pins were adopted; scores carry the adopted map), or None; head_order:
+    [n_layer, n_head_kv] source numbering of the stored KV heads where the weights were reordered
+    (razor_gguf.head_order), or None."""
     from gguf import GGUFValueType as V
 
     p = scores.provenance
@@ -174,6 +176,8 @@ def build_razor_kv(scores, *, n_sink: int, window: int, source_name: str, source
         measured.update(layer_windows_kv(layer_windows))
     if ratios is not None:
         measured.update(ratios_kv(ratios))
+    if head_order is not None:
+        measured["razor.head_order"] = (V.ARRAY, np.asarray(head_order, np.int32).ravel().tolist(), V.INT32)
     return {
         "razor.version": (V.UINT32, RAZOR_VERSION, None),
         "razor.enabled": (V.BOOL, True, None),
@@ -205,8 +209,10 @@ def write_with_razor(
     out_path: str,
     razor_kv: dict,
     progress: Callable[[int], None] | None = None,
+    tensors: dict | None = None,
 ) -> None:
-    """Copy `reader`'s GGUF to out_path with existing razor.* keys replaced by razor_kv. Atomic."""
+    """Copy `reader`'s GGUF to out_path with existing razor.* keys replaced by razor_kv, and the data of the
+    tensors named in `tensors` (same shape and type) by theirs. Atomic."""
     import gguf
 
     arch = reader.get_field("general.architecture").contents()
@@ -231,7 +237,7 @@ def write_with_razor(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in reader.tensors:
-            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+            writer.write_tensor_data((tensors or {}).get(t.name, t.data), tensor_endianess=reader.endianess)
             if progress:
                 progress(int(t.n_bytes))
         writer.close()
@@ -294,6 +300,8 @@ def read_razor(reader) -> dict | None:
         "enabled": get("razor.enabled"),
         "n_pin": get("razor.n_pin", 0),  # pinned tokens per sequence by default (embed-heads --ratios)
         "compensation": get("razor.compensation", True),  # SPEC's row; embed-heads records the measured default
+        # the source's numbering of the stored KV heads (embed-heads --reorder-heads), None where unchanged
+        "head_order": grid([int(x) for x in get("razor.head_order", [])]) or None,
         "version": get("razor.version"),
         "provenance": prov,
     }

@@ -196,6 +196,52 @@ def test_force_replaces_keys_dry_run_writes_nothing(scored, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_reorder_heads(scored, smollm2_path, tmp_path):
+    """--reorder-heads stores each layer's KV heads retrieval heads first: the attention weights renumbered with
+    them byte for byte, every other tensor copied, the scores in the stored order, and the same model (the
+    reference pass, in float32, gives the source's logits to rounding); the source's numbering survives a
+    second embed-heads."""
+    import gguf
+    import torch
+
+    from razor_gguf.head_order import apply_order
+    from razor_gguf.reference import ReferenceModel
+
+    src, _, _, _ = scored
+    out = tmp_path / "reordered.gguf"
+    args = ("--force", "--json", "--probe-len", "8", "--no-calibration")
+    plain = _cli("embed-heads", src, "--dry-run", *args)
+    r = _cli("embed-heads", src, "-o", out, "--reorder-heads", *args)
+    assert plain.returncode == 0 and r.returncode == 0, (plain.stderr[-2000:], r.stderr[-2000:])
+    p, info = json.loads(plain.stdout), json.loads(r.stdout)
+    order = np.array(info["head_order"])
+    assert p["head_order"] is None and sorted(map(sorted, order.tolist())) == [[0, 1, 2]] * 30
+    hm = np.array(info["head_map"])
+    assert np.array_equal(hm, apply_order(p["head_map"], order)) and (np.diff(hm, axis=1) <= 0).all()
+    assert not np.array_equal(order, np.indices(order.shape)[1])  # SmolLM2's map has retrieval heads to move
+    np.testing.assert_allclose(info["induction_scores"], apply_order(p["induction_scores"], order), rtol=1e-6)
+
+    a, b = gguf.GGUFReader(smollm2_path), gguf.GGUFReader(str(out))
+    for ta, tb in zip(a.tensors, b.tensors):
+        x, y = np.asarray(ta.data), np.asarray(tb.data)
+        il = int(ta.name.split(".")[1]) if ta.name.startswith("blk.") else None
+        kind = ta.name.split(".")[2] if il is not None else ""
+        if kind in ("attn_q", "attn_k", "attn_v"):
+            x = x.reshape(3, -1, x.shape[-1])[order[il]].reshape(x.shape)
+        elif kind == "attn_output":
+            x = x.reshape(x.shape[0], 3, -1)[:, order[il]].reshape(x.shape)
+        assert ta.name == tb.name and np.array_equal(x, y), ta.name
+
+    toks = np.random.default_rng(0).integers(100, 20000, size=64)
+    logits = [ReferenceModel(str(m)).forward(toks, want_logits="all") for m in (smollm2_path, out)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-3), (logits[0] - logits[1]).abs().max()
+    r = _cli("inspect", out)
+    assert r.returncode == 0 and "stored retrieval heads first" in r.stdout
+    # scored again, the reordered file picks the same heads, already first: razor.head_order still numbers the source
+    again = json.loads(_cli("embed-heads", out, "--dry-run", "--reorder-heads", *args).stdout)
+    assert again["head_map"] == info["head_map"] and again["head_order"] == info["head_order"]
+
+
 def test_library_entry_point_takes_plain_parameters(smollm2_path, tmp_path):
     # Python callers need no argparse namespace; bad input is the same UserError the CLI prints.
     from razor_gguf.embed import embed_heads

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "razor_gguf"
 BASE = {"errors", "overrides", "_native", "metadata", "reference", "oracle", "kld", "niah", "passkey", "plotting",
         "intervals", "pins"}
 # The library: may import base and core, never a command.
-CORE = BASE | {"", "llama", "scoring", "machine", "models", "calibration", "layer_windows", "ratios"}
+CORE = BASE | {"", "llama", "scoring", "machine", "models", "calibration", "layer_windows", "ratios", "head_order"}
 COMMANDS = {"options", "embed", "bench", "evaluation", "chat", "serve", "serve_rpc", "rpc", "demo"}
 
 

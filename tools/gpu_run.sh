@@ -5,7 +5,10 @@
 #   evidence  tools/evidence.py on MODEL (a razor-embedded GGUF) with every layer offloaded, extending
 #             EVIDENCE_JSON (copied to OUT_DIR/evidence.json first) for at most EVIDENCE_MIN minutes;
 #   bench     `razor-gguf bench`, full cache against razor, on a random-weight Llama-3-8B twin written on the
-#             spot (tools/make_bench_model.py: Q4_0, 15% head map, S = 4, W = 512) at BENCH_CTX;
+#             spot (tools/make_bench_model.py: Q4_0, 15% head map, S = 4, W = 512) at BENCH_CTX, and on the same
+#             twin with each layer's retrieval heads stored first (as `embed-heads --reorder-heads` writes them:
+#             no head gathers in the graph) at BENCH_FIRST_CTX; TWIN_ARGS goes to both writes (e.g. TWIN=/tmp/t.gguf
+#             TWIN_ARGS=--no-compensation: the cache without the fold, as embed-heads records it for SmolLM2);
 #   fit       tools/gpu_fit.py: the longest context each cache fits in FIT_GIB GiB, weights included;
 #   embed     `razor-gguf embed-heads --device cuda`: MODEL scored again (its map compared with the CPU's), and
 #             the probe on the 8B twin.
@@ -24,7 +27,16 @@ export PYTHONUNBUFFERED=1
 t0=$SECONDS
 say() { echo "gpu_run: $* ($((SECONDS - t0)) s)"; }
 twin=${TWIN:-/tmp/llama3-8b-twin.gguf}
-make_twin() { [ -f "$twin" ] || "$py" tools/make_bench_model.py "$twin" --shape llama3-8b --n-ctx-train 131072 >/dev/null; }
+twin_first=${twin%.gguf}-first.gguf
+make_twin() { [ -f "$twin" ] || "$py" tools/make_bench_model.py "$twin" --shape llama3-8b --n-ctx-train 131072 \
+  ${TWIN_ARGS:-} >/dev/null; }
+make_twin_first() { [ -f "$twin_first" ] || "$py" tools/make_bench_model.py "$twin_first" --shape llama3-8b \
+  --n-ctx-train 131072 --retrieval-first ${TWIN_ARGS:-} >/dev/null; }
+bench_one() {  # TWIN CTX: one JSON per model and context, so a stopped run keeps the others
+  timeout "${BENCH_S:-120}" "$py" -m razor_gguf bench "$1" --ctx "$2" --modes full,razor --n-gpu-layers 999 \
+    --n-decode "${BENCH_DECODE:-128}" --json > "$out/bench-$(basename "$1" .gguf)-$2.json" 2>> "$out/bench.log"
+  say "bench $(basename "$1" .gguf) $2 rc=$?"
+}
 
 for step in "$@"; do
   case $step in
@@ -40,11 +52,9 @@ for step in "$@"; do
       say "evidence rc=$? ($(grep -c ': .* s$' "$out/evidence.log") cells)" ;;
     bench)
       make_twin || { say "bench: writing the twin failed"; continue; }
-      for n in ${BENCH_CTX:-8192 32768 131072}; do  # one JSON per context: a stopped run keeps the others
-        timeout "${BENCH_S:-120}" "$py" -m razor_gguf bench "$twin" --ctx "$n" --modes full,razor --n-gpu-layers 999 \
-          --n-decode "${BENCH_DECODE:-128}" --json > "$out/bench-$(basename "$twin" .gguf)-$n.json" 2>> "$out/bench.log"
-        say "bench $n rc=$?"
-      done ;;
+      make_twin_first || { say "bench: writing the retrieval-first twin failed"; continue; }
+      for n in ${BENCH_FIRST_CTX:-8192 32768}; do bench_one "$twin_first" "$n"; done
+      for n in ${BENCH_CTX:-8192 32768 131072}; do bench_one "$twin" "$n"; done ;;
     embed)
       # the reference pass on the GPU: MODEL's own head map scored again (--dry-run) to compare with the one it
       # carries from a CPU run, then the probe on the 8B twin (random weights: timing and memory only)

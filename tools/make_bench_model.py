@@ -2,14 +2,18 @@
 """Write a random-weight GGUF of a real model's shape, with a razor head map, for speed and memory runs.
 
     tools/make_bench_model.py OUT.gguf [--shape llama3-8b|smollm2-135m|gemma3-SIZE-kv] [--retrieval-ratio 0.15]
-        [--f16] [--n-ctx-train N] [--window 512] [--n-sink 4]
+        [--f16] [--n-ctx-train N] [--window 512] [--n-sink 4] [--retrieval-first]
+        [--no-compensation]
 
 Speed does not depend on the weights' values, so a twin written on the spot (seconds; Q4_0 blocks are drawn
 directly, never as f32) stands in for a multi-GB download. Never commit the output. The retrieval heads are
 drawn by a fixed seed, spread over layers as embed-heads' selection would leave them (never in a
-sliding-window layer). The gemma3-*-kv shapes keep only Gemma 3's attention shape (layers, KV heads, head
-size, sliding window, one global layer in six); embedding, FFN and vocabulary are shrunk, since KV bytes
-depend on nothing else: `razor-gguf bench --kv-only` on them gives what razor saves at each Gemma 3 size.
+sliding-window layer); --retrieval-first stores each layer's retrieval heads first, as `embed-heads
+--reorder-heads` writes a real model (random weights need no renumbering); --no-compensation records the
+compensation row off, as embed-heads does for a model the row does not help (SmolLM2), so the cache carries no
+fold. The gemma3-*-kv shapes keep only Gemma 3's attention shape (layers, KV heads, head size, sliding window,
+one global layer in six); embedding, FFN and vocabulary are shrunk, since KV bytes depend on nothing else:
+`razor-gguf bench --kv-only` on them gives what razor saves at each Gemma 3 size.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retrieval-first", action="store_true", help="each layer's retrieval heads first")
+    ap.add_argument("--no-compensation", action="store_true", help="razor.compensation = false (no fold)")
     a = ap.parse_args(argv)
     s = dict(SHAPES[a.shape])
     n_filler = s.pop("n_vocab") - TinyConfig().n_vocab
@@ -61,7 +67,11 @@ def main(argv=None) -> int:
     hm = np.zeros(n_kv, dtype=np.int32)
     n_retr = min(round(a.retrieval_ratio * n_kv), eligible.size)
     hm[np.random.default_rng(a.seed).choice(eligible, n_retr, replace=False)] = 1
-    razor = RazorMeta(head_map=hm.reshape(cfg.n_layer, cfg.n_head_kv), n_sink=a.n_sink, window=a.window)
+    hm = hm.reshape(cfg.n_layer, cfg.n_head_kv)
+    if a.retrieval_first:
+        hm = -np.sort(-hm, axis=1)
+    razor = RazorMeta(head_map=hm, n_sink=a.n_sink, window=a.window,
+                      compensation=False if a.no_compensation else None)
     print(write_tiny_model(a.out, cfg, razor))
     return 0
 

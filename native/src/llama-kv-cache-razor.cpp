@@ -608,6 +608,7 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
     bool any_retr = false;
     perms.resize(n_layer);
     inv_perms.resize(n_layer);
+    retr_head0s.assign(n_layer, -1);
     ring_idx.assign(n_layer, -1);
     for (uint32_t il = 0; il < n_layer; ++il) {
         hparams_retr.n_head_kv_arr[il] = cfg.n_retrieval(il);
@@ -635,6 +636,15 @@ std::unique_ptr<llama_kv_cache> kv_swa) :
         for (size_t i = 0; i < p.size(); ++i) {
             inv_perms[il][p[i]] = i;
         }
+        // retrieval heads first (p is the identity) or last (p is a rotation by n_local)
+        const uint32_t n_r = cfg.n_retrieval(il);
+        const uint32_t n_h = p.size();
+        bool first = true, last = true;
+        for (uint32_t i = 0; i < n_h; ++i) {
+            first = first && p[i] == (int32_t) i;
+            last  = last  && p[i] == (int32_t) ((i + n_h - n_r) % n_h);
+        }
+        retr_head0s[il] = first ? 0 : last ? (int32_t) (n_h - n_r) : -1;
     }
 
     const layer_filter_cb filter_retr = [&](int32_t il) { return cfg.n_retrieval(il) > 0; };
@@ -1800,7 +1810,7 @@ static std::unique_ptr<llm_graph_input_attn_kv_razor> razor_new_attn_inp(const l
     inp->perm.assign(n_layer, nullptr);
     inp->inv_perm.assign(n_layer, nullptr);
     for (uint32_t il = 0; il < n_layer; ++il) {
-        if (kv->n_retrieval(il) > 0 && kv->n_local(il) > 0) {
+        if (kv->n_retrieval(il) > 0 && kv->n_local(il) > 0 && kv->retr_head0(il) < 0) {
             const int64_t n_head_kv = kv->perm(il).size();
             inp->perm[il]     = razor_new_input(ctx0, GGML_TYPE_I32, n_head_kv, T, "razor_inp_perm");
             inp->inv_perm[il] = razor_new_input(ctx0, GGML_TYPE_I32, n_head_kv, T, "razor_inp_inv_perm");
@@ -1890,11 +1900,15 @@ static ggml_tensor * razor_view_like(ggml_context * ctx, ggml_tensor * parent, c
     return ggml_view_4d(ctx, parent, ref->ne[0], ref->ne[1], ref->ne[2], ref->ne[3], ref->nb[1], ref->nb[2], ref->nb[3], ref->view_offs);
 }
 
-// 4. the attention outputs of both head groups back in the model's head order: [d_v*n_head, T]
-static ggml_tensor * razor_merge_heads(ggml_context * ctx, ggml_tensor * inv_perm, ggml_tensor * out_r, ggml_tensor * out_l,
-        int64_t d_group, int64_t n_r, int64_t n_l, int64_t T) {
+// 4. the attention outputs of both head groups back in the model's head order: [d_v*n_head, T]. inv_perm: nullptr
+// where the groups are contiguous, the retrieval heads first (retr_first) or last
+static ggml_tensor * razor_merge_heads(ggml_context * ctx, ggml_tensor * inv_perm, bool retr_first, ggml_tensor * out_r,
+        ggml_tensor * out_l, int64_t d_group, int64_t n_r, int64_t n_l, int64_t T) {
     if (n_r == 0) {
         return out_l;
+    }
+    if (!inv_perm) { // each output is [d_group*n, T]: concatenated along the rows, no head dimension needed
+        return retr_first ? ggml_concat(ctx, out_r, out_l, 0) : ggml_concat(ctx, out_l, out_r, 0);
     }
     ggml_tensor * out = ggml_concat(ctx, ggml_reshape_3d(ctx, out_r, d_group, n_r, T), ggml_reshape_3d(ctx, out_l, d_group, n_l, T), 1);
     out = ggml_get_rows(ctx, out, inv_perm);
@@ -1980,22 +1994,29 @@ ggml_tensor * llama_razor_build_attn(
     const int64_t d_v       = v_cur->ne[0];
     const int64_t n_gqa     = n_head/n_head_kv;
 
-    // 1. KV heads in the order [retrieval..., local...]; a query head follows its KV head
+    // 1. the two head groups: views where the retrieval heads are contiguous at one end of the layer's heads (as
+    // `embed-heads --reorder-heads` stores them), else the KV heads gathered in the order [retrieval..., local...];
+    // a query head follows its KV head
     ggml_tensor * q_r = nullptr, * k_r = nullptr, * v_r = nullptr;
     ggml_tensor * q_l = q_cur,   * k_l = k_cur,   * v_l = v_cur;
+    const int64_t h0_r = inp->perm[il] ? 0 : kv->retr_head0(il); // where each group starts in the heads it views
+    const int64_t h0_l = h0_r == 0 ? n_r : 0;
     if (n_r > 0) {
         ggml_tensor * q3 = ggml_reshape_3d(ctx0, ggml_is_contiguous(q_cur) ? q_cur : ggml_cont(ctx0, q_cur), d_k*n_gqa, n_head_kv, T);
-        ggml_tensor * qp = ggml_get_rows(ctx0, q3,    inp->perm[il]);
-        ggml_tensor * kp = ggml_get_rows(ctx0, k_cur, inp->perm[il]);
-        ggml_tensor * vp = ggml_get_rows(ctx0, v_cur, inp->perm[il]);
+        ggml_tensor * qp = q3, * kp = k_cur, * vp = v_cur;
+        if (inp->perm[il]) {
+            qp = ggml_get_rows(ctx0, q3,    inp->perm[il]);
+            kp = ggml_get_rows(ctx0, k_cur, inp->perm[il]);
+            vp = ggml_get_rows(ctx0, v_cur, inp->perm[il]);
+        }
 
         const size_t rq = ggml_row_size(qp->type, d_k);
-        q_r = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_r, T, rq, qp->nb[2], 0);
-        q_l = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_l, T, rq, qp->nb[2], n_gqa*n_r*rq);
-        k_r = ggml_view_3d(ctx0, kp, d_k, n_r, T, kp->nb[1], kp->nb[2], 0);
-        k_l = ggml_view_3d(ctx0, kp, d_k, n_l, T, kp->nb[1], kp->nb[2], n_r*kp->nb[1]);
-        v_r = ggml_view_3d(ctx0, vp, d_v, n_r, T, vp->nb[1], vp->nb[2], 0);
-        v_l = ggml_view_3d(ctx0, vp, d_v, n_l, T, vp->nb[1], vp->nb[2], n_r*vp->nb[1]);
+        q_r = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_r, T, rq, qp->nb[2], n_gqa*h0_r*rq);
+        q_l = ggml_view_3d(ctx0, qp, d_k, n_gqa*n_l, T, rq, qp->nb[2], n_gqa*h0_l*rq);
+        k_r = ggml_view_3d(ctx0, kp, d_k, n_r, T, kp->nb[1], kp->nb[2], h0_r*kp->nb[1]);
+        k_l = ggml_view_3d(ctx0, kp, d_k, n_l, T, kp->nb[1], kp->nb[2], h0_l*kp->nb[1]);
+        v_r = ggml_view_3d(ctx0, vp, d_v, n_r, T, vp->nb[1], vp->nb[2], h0_r*vp->nb[1]);
+        v_l = ggml_view_3d(ctx0, vp, d_v, n_l, T, vp->nb[1], vp->nb[2], h0_l*vp->nb[1]);
     }
 
     // 2. retrieval heads: the stock path over the full cache
@@ -2047,7 +2068,7 @@ ggml_tensor * llama_razor_build_attn(
     ggml_tensor * v = razor_view_like(ctx0, v_st, cl->get_v(ctx0, il));
     ggml_tensor * out_l = g.build_attn_mha(q_l, k, v, nullptr, ri.kq_mask, nullptr, nullptr, 0, kq_scale, il);
 
-    return razor_merge_heads(ctx0, inp->inv_perm[il], out_r, out_l, d_v*n_gqa, n_r, n_l, T);
+    return razor_merge_heads(ctx0, inp->inv_perm[il], h0_r == 0, out_r, out_l, d_v*n_gqa, n_r, n_l, T);
 }
 
 //

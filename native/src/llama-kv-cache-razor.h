@@ -240,6 +240,9 @@ std::unique_ptr<llama_kv_cache> kv_swa);
     // KV head order [retrieval..., local...] of layer il and its inverse
     const std::vector<int32_t> & perm    (int32_t il) const { return perms[il]; }
     const std::vector<int32_t> & inv_perm(int32_t il) const { return inv_perms[il]; }
+    // the first KV head of layer il's retrieval heads where they are contiguous at either end of the layer's
+    // heads (0: first, n_local: last; then the head groups are views and need no permutation), else -1
+    int32_t retr_head0(int32_t il) const { return retr_head0s[il]; }
 
     ggml_tensor * get_comp(int32_t il) const { return comp[il]; }
 
@@ -313,6 +316,7 @@ private:
 
     std::vector<std::vector<int32_t>> perms;
     std::vector<std::vector<int32_t>> inv_perms;
+    std::vector<int32_t> retr_head0s;
 
     // compensation state: per layer with local heads, F32 [n_embd_k_loc + n_embd_v_loc, n_seq_max] sums
     std::vector<ggml_tensor *> comp;
@@ -439,7 +443,8 @@ public:
     ggml_tensor * state_get   = nullptr; // I32 [n_seqs]: the ubatch's sequences (every ring's)
     ggml_tensor * state_set   = nullptr; // I64 [n_seqs]
 
-    std::vector<ggml_tensor *> perm;     // per layer, I32 [n_head_kv, n_tokens], only for layers with both head kinds
+    std::vector<ggml_tensor *> perm;     // per layer, I32 [n_head_kv, n_tokens], only for layers with both head
+                                         // kinds where the retrieval heads are not contiguous at one end
 
     bool capture = false;                // the graph records the retrieval heads' attention (llama_razor_pin_capture)
     std::vector<ggml_tensor *> inv_perm;

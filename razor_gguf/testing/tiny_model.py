@@ -68,6 +68,7 @@ class RazorMeta:
     echo_scores: npt.NDArray[np.float32] | None = None  # default: random in [0, 1)
     induction_scores: npt.NDArray[np.float32] | None = None
     layer_window_scale: Sequence[float] | None = None  # razor.layer_window_scale [n_layer]: per-layer windows
+    compensation: bool | None = None  # razor.compensation (the measured default embed-heads writes); None: unset, on
 
 
 def make_weights(cfg: TinyConfig) -> dict[str, npt.NDArray[np.float32]]:
@@ -152,6 +153,8 @@ def _add_razor_keys(writer, cfg: TinyConfig, meta: RazorMeta) -> None:
     if meta.layer_window_scale is not None:
         writer.add_key_value("razor.layer_window_scale", [float(x) for x in meta.layer_window_scale],
                              GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+    if meta.compensation is not None:
+        writer.add_bool("razor.compensation", bool(meta.compensation))
     writer.add_uint32("razor.probe.length", 0)
     writer.add_uint32("razor.probe.repetitions", 0)
     writer.add_uint64("razor.probe.seed", cfg.seed)
