@@ -238,6 +238,25 @@ def test_evidence_kv_types_budget_against_f16(smollm2_razor, tmp_path):
     assert r.returncode == 2 and "unknown method 'razor+q3_k'" in r.stderr
 
 
+def test_kld_target_pairs_the_same_kv_type():
+    """The 8k prose target compares a typed razor cell with StreamingLLM in the same KV type when that was measured
+    (quantization helps both), an untyped one with StreamingLLM in f16."""
+    ev = _load_tool()
+
+    def kld(method, mean, top1=0.97, kv=0.34):
+        return {"task": "kld", "length": 8192, "method": method, "budget": 0.35, "supported": True, "kld_mean": mean,
+                "top1": top1, "kv_fraction": kv, "n_positions": 4, "n_ubatch": 256, "block_weights": [2, 2],
+                "block_kld": [mean, mean]}
+
+    cells = {ev.cell_key("kld", 8192, m, 0.35): kld(m, x) for m, x in
+             (("razor", 0.006), ("streaming", 0.015), ("razor+q8_0", 0.0036), ("streaming+q8_0", 0.0045))}
+    lines = ev.targets({"cells": cells})
+    assert any(line.startswith("- kld 8192: razor top-1") and "0.40x streaming's" in line for line in lines)
+    assert any(line.startswith("- kld 8192: razor+q8_0 top-1") and "0.80x streaming+q8_0's" in line for line in lines)
+    del cells[ev.cell_key("kld", 8192, "streaming+q8_0", 0.35)]
+    assert any("razor+q8_0" in line and "0.24x streaming's" in line for line in ev.targets({"cells": cells}))
+
+
 def test_evidence_refuses_another_model(smollm2_path, tmp_path):
     out = tmp_path / "ev.json"
     out.write_text(json.dumps({"model": "x.gguf", "model_sha256": "0" * 64, "cells": {}}))
