@@ -583,6 +583,14 @@ def paired_layer_windows(store: dict) -> list[str]:
     return ["**per-layer windows against one uniform window** (paired block bootstrap)", "", *out, ""] if out else []
 
 
+def _streaming_like(cells: dict, task: str, length: int, method: str, budget: float) -> dict | None:
+    """StreamingLLM's cell at the same memory as `method`: in its KV type when measured (quantization helps both),
+    else in f16."""
+    kv_type = split_method(method)[1]
+    s = cells.get(cell_key(task, length, f"streaming+{kv_type}", budget)) if kv_type else None
+    return s or cells.get(cell_key(task, length, "streaming", budget))
+
+
 def targets(store: dict, budget: float = 0.35) -> list[str]:
     """The issue's targets at KV <= `budget` of full, 4k and 8k: met or missed, by how much, with the discordant
     prompts against the full cache (a reference from another file only where its prompts are the same)."""
@@ -597,11 +605,8 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
                 continue
             for method in _razor_methods(cells, task, length, budget):
                 r = cells[cell_key(task, length, method, budget)]
-                # StreamingLLM at the same memory in the same KV type when measured, else in f16
                 kv_type = split_method(method)[1]
-                s = cells.get(cell_key(task, length, f"streaming+{kv_type}", budget)) if kv_type else None
-                s_name = f"streaming+{kv_type}" if s else "streaming"
-                s = s or cells.get(cell_key(task, length, "streaming", budget))
+                s = _streaming_like(cells, task, length, method, budget)
                 if not r.get("supported") or r["n"] < TARGET_PROMPTS:
                     continue
                 if not same_prompts(r, f):
@@ -614,8 +619,8 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
                         f"{'met' if d_full >= -5 else 'MISSED'}); ")
                 if s and s.get("supported") and same_prompts(r, s):
                     d_str = 100 * (r["accuracy"] - s["accuracy"])
-                    line += (f"{s_name}{_source(s)} {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; target "
-                             f">= 30: {'met' if d_str >= 30 else 'MISSED'}); ")
+                    line += (f"{s['method']}{_source(s)} {s['accuracy']:.0%} ({d_str:+.0f} points below {method}; "
+                             f"target >= 30: {'met' if d_str >= 30 else 'MISSED'}); ")
                 else:
                     line += "streaming not measured on these prompts; "
                 ft = cells.get(cell_key(task, length, f"full+{kv_type}", None)) if kv_type else None
@@ -626,10 +631,7 @@ def targets(store: dict, budget: float = 0.35) -> list[str]:
             continue
         for method in _razor_methods(cells, "kld", length, budget):
             r = cells[cell_key("kld", length, method, budget)]
-            # StreamingLLM in the same KV type when measured, as for retrieval
-            kv_type = split_method(method)[1]
-            s = cells.get(cell_key("kld", length, f"streaming+{kv_type}", budget)) if kv_type else None
-            s = s or cells.get(cell_key("kld", length, "streaming", budget))
+            s = _streaming_like(cells, "kld", length, method, budget)
             if not (s and s.get("supported")) or not r.get("supported") or not same_prompts(r, s):
                 continue
             lo, hi = bootstrap_ratio(np.array(r["block_kld"]), np.array(s["block_kld"]),
