@@ -9,6 +9,7 @@ The worker prints one JSON line on stdout; progress goes to stderr, and --json p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -253,6 +254,7 @@ def bench(
     kv_budget: float | str | None = None,
     layer_windows: bool | None = None,
     pins: int | None = None,
+    compensation: bool | None = None,
     swa_full: bool = False,
     rpc: str | list[str] | None = None,
 ) -> dict:
@@ -265,9 +267,13 @@ def bench(
     rpc: llama.cpp RPC workers ("HOST:PORT,..."): every mode runs here and, as MODE@rpc, with every layer on them.
     pins: tokens of the prompt every local head keeps (razor.n_pin, with the compensation row off, as pins need):
     the razor modes then read the prompt twice, as razor_gguf.Llama does, and the prefill speed counts both reads.
+    compensation: the compensation row on or off (default: the model's; off with pins).
     """
+    if pins and compensation:
+        raise UserError("--pins needs the compensation row off (--no-compensation)")
     razor = {"n_sink": n_sink, "window": window, "retrieval_ratio": retrieval_ratio, "kv_budget": kv_budget,
-             "layer_windows": layer_windows, "pins": pins, "compensation": False if pins else None}
+             "layer_windows": layer_windows, "pins": pins,
+             "compensation": False if pins and compensation is None else compensation}
     modes, overrides = _check(model, ctx, modes, n_decode, kv_only, n_ubatch, threads, razor)
     if rpc:
         from . import _native
@@ -343,8 +349,8 @@ def cmd_bench(args) -> int:
         res = bench(args.model, args.ctx, modes=args.modes, n_decode=args.n_decode, kv_only=args.kv_only,
                     n_ubatch=args.n_ubatch, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                     n_sink=args.n_sink, window=args.window, retrieval_ratio=args.retrieval_ratio,
-                    kv_budget=args.kv_budget, layer_windows=args.layer_windows, pins=args.pins, swa_full=args.swa_full,
-                    rpc=args.rpc)
+                    kv_budget=args.kv_budget, layer_windows=args.layer_windows, pins=args.pins,
+                    compensation=args.compensation, swa_full=args.swa_full, rpc=args.rpc)
     except UserError as e:
         return error(str(e))
     except KeyboardInterrupt:  # subprocess.run kills the running worker on the way out
@@ -374,6 +380,8 @@ def add_subcommand(sub) -> None:
     b.add_argument("--pins", type=int, metavar="N",
                    help="tokens of the prompt every local head keeps, chosen by reading it twice (razor.n_pin; turns "
                         "the compensation row off); the prefill speed counts both reads")
+    b.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
+                   help="the compensation row of evicted tokens (default: the model's; off with --pins)")
     b.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     b.add_argument("--n-ubatch", type=int, default=512,
                    help="micro-batch size, also the batch size (default 512); razor's local ring holds this many extra rows")

@@ -109,6 +109,19 @@ def test_overrides_reach_the_cache(razor_model):
     assert (run["window"], run["n_sink"]) == (256, 8)
 
 
+def test_compensation_flag(razor_model):
+    # the row's F32 sums and its scratch rows in the ring cost bytes; without the row the cache holds neither
+    kv = {}
+    for flag in ("--compensation", "--no-compensation"):
+        r = _bench(razor_model, "--ctx", 4096, "--kv-only", "--modes", "razor", "--window", 256, flag, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout)
+        over = res["settings"]["razor_overrides"]  # with the row on, pins are turned off too (razor.n_pin 0)
+        assert (over["razor.window"], over["razor.compensation"]) == (256, flag == "--compensation")
+        kv[flag] = res["runs"][0]["kv_bytes"]
+    assert kv["--no-compensation"] < kv["--compensation"]
+
+
 def test_table(razor_model):
     r = _bench(razor_model, "--ctx", 2048, "--kv-only")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -124,6 +137,7 @@ def test_table(razor_model):
     (["{model}", "--ctx", "256", "--n-decode", "0"], "--n-decode"),
     (["{model}", "--ctx", "256", "--retrieval-ratio", "1.5"], "--retrieval-ratio"),
     (["{model}", "--ctx", "256", "--window", "0"], "--window"),
+    (["{model}", "--ctx", "256", "--pins", "8", "--compensation"], "--pins needs the compensation row off"),
     (["{model}"], "--ctx"),
     (["{model}", "--ctx", "256"], "run razor-gguf embed-heads"),  # a stock model: no razor metadata
     (["/nonexistent/model.gguf", "--ctx", "256"], "no such file"),

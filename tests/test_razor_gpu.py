@@ -38,6 +38,7 @@ pytestmark = pytest.mark.skipif(not _gpu_offload(), reason="no GPU backend or no
 
 # the CPU tests' tiny razor models (module-scoped fixtures: built again for this module)
 mixed, mixed64 = test_razor_cache.mixed, test_razor_cache.mixed64
+scattered = test_razor_cache.scattered
 
 
 def _check(what, got, ref, model, toks, **kw):
@@ -82,6 +83,18 @@ def test_matches_oracle_without_compensation(mixed, flash_attn, n_ubatch):
     got = llama_logits(mixed[0], toks, kv_overrides=test_razor_cache.NO_COMP, **GPU, **kw)
     _check(f"no compensation row, FA {flash_attn}, ubatch {n_ubatch}", got, _oracle(mixed, toks, compensation=False),
            mixed, toks, **kw)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("compensation", [True, False])
+def test_head_groups_in_any_order(scattered, flash_attn, compensation):
+    """Four KV heads a layer: layers whose retrieval heads are gathered (get_rows) beside layers split by views."""
+    toks = _tokens(scattered[1], 100)
+    kw = dict(flash_attn=flash_attn, n_batch=16, n_ubatch=7)
+    over = None if compensation else test_razor_cache.NO_COMP
+    got = llama_logits(scattered[0], toks, kv_overrides=over, **GPU, **kw)
+    ref = _oracle(scattered, toks, head_map=test_razor_cache.SCATTERED, compensation=compensation)
+    _check(f"scattered heads, row {compensation}, FA {flash_attn}", got, ref, scattered, toks, **kw)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])

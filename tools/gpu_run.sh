@@ -9,6 +9,9 @@
 #             twin with each layer's retrieval heads stored first (as `embed-heads --reorder-heads` writes them:
 #             no head gathers in the graph) at BENCH_FIRST_CTX; TWIN_ARGS goes to both writes (e.g. TWIN=/tmp/t.gguf
 #             TWIN_ARGS=--no-compensation: the cache without the fold, as embed-heads records it for SmolLM2);
+#             BENCH_ARGS goes to every bench run (e.g. --no-compensation on the same twins) and BENCH_TAG to the
+#             names of its JSON files, so runs with other arguments land beside each other (an empty BENCH_CTX or
+#             BENCH_FIRST_CTX skips that twin);
 #   fit       tools/gpu_fit.py: the longest context each cache fits in FIT_GIB GiB, weights included;
 #   embed     `razor-gguf embed-heads --device cuda`: MODEL scored again (its map compared with the CPU's), and
 #             the probe on the 8B twin.
@@ -34,8 +37,9 @@ make_twin_first() { [ -f "$twin_first" ] || "$py" tools/make_bench_model.py "$tw
   --n-ctx-train 131072 --retrieval-first ${TWIN_ARGS:-} >/dev/null; }
 bench_one() {  # TWIN CTX: one JSON per model and context, so a stopped run keeps the others
   timeout "${BENCH_S:-120}" "$py" -m razor_gguf bench "$1" --ctx "$2" --modes full,razor --n-gpu-layers 999 \
-    --n-decode "${BENCH_DECODE:-128}" --json > "$out/bench-$(basename "$1" .gguf)-$2.json" 2>> "$out/bench.log"
-  say "bench $(basename "$1" .gguf) $2 rc=$?"
+    --n-decode "${BENCH_DECODE:-128}" ${BENCH_ARGS:-} --json > "$out/bench-$(basename "$1" .gguf)${BENCH_TAG:-}-$2.json" \
+    2>> "$out/bench.log"
+  say "bench $(basename "$1" .gguf)${BENCH_TAG:-} $2 rc=$?"
 }
 
 for step in "$@"; do
@@ -53,8 +57,8 @@ for step in "$@"; do
     bench)
       make_twin || { say "bench: writing the twin failed"; continue; }
       make_twin_first || { say "bench: writing the retrieval-first twin failed"; continue; }
-      for n in ${BENCH_FIRST_CTX:-8192 32768}; do bench_one "$twin_first" "$n"; done
-      for n in ${BENCH_CTX:-8192 32768 131072}; do bench_one "$twin" "$n"; done ;;
+      for n in ${BENCH_FIRST_CTX-8192 32768}; do bench_one "$twin_first" "$n"; done
+      for n in ${BENCH_CTX-8192 32768 131072}; do bench_one "$twin" "$n"; done ;;
     embed)
       # the reference pass on the GPU: MODEL's own head map scored again (--dry-run) to compare with the one it
       # carries from a CPU run, then the probe on the 8B twin (random weights: timing and memory only)
