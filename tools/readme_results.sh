@@ -28,6 +28,11 @@ if [[ $what == all || $what == bench ]]; then
   run bench-smollm2 bench "$SMOL_R" --ctx 2048 --ctx 4096 --ctx 8192 --threads 2 --plot "$OUT/bench-smollm2.png"
   run bench-smollm2-kv bench "$SMOL_R" --ctx 8192 --ctx 16384 --ctx 32768 --kv-only --plot "$OUT/bench-smollm2-kv.png"
   run bench-smollm2-budget bench "$SMOL_R" --ctx 4096 --ctx 8192 --threads 2 --modes full,razor --kv-budget 0.35
+  # the default make demo writes: 10% of the heads with 64 pins, at its default budget and at 0.35
+  run bench-smollm2-pins-default bench "$SMOL_R" --ctx 2048 --ctx 8192 --threads 2 --modes full,razor \
+    --retrieval-ratio 0.1 --pins 64
+  run bench-smollm2-pins-035 bench "$SMOL_R" --ctx 2048 --ctx 8192 --threads 2 --modes full,razor \
+    --retrieval-ratio 0.1 --pins 64 --kv-budget 0.35
   run bench-gemma3 bench "$GEMMA_R" --ctx 2048 --ctx 8192 --threads 2 --plot "$OUT/bench-gemma3.png"
 fi
 if [[ $what == all || $what == eval ]]; then
@@ -128,7 +133,14 @@ if [[ $what == all || $what == eval ]]; then
   for m in razor_pins_r0.1+q8_0 streaming+q8_0 full+q8_0; do
     "${ESF[@]}" --plan targets --ctx 4096 --budget 0.35 --task mniah --method $m --n 40
   done
-  "${ESF[@]}" --plan targets --ctx 4096 --budget 0.35 --task passkey --method razor_pins_r0.1+q8_0
+  for m in razor_pins_r0.1+q8_0 streaming+q8_0; do
+    "${ESF[@]}" --plan targets --ctx 4096 --budget 0.35 --task passkey --method $m
+  done
+  "${ESF[@]}" --plan kld --ctx 8192 --budget 0.35 --task kld --method razor_pins_r0.1+q8_0 --method streaming+q8_0 \
+    --method full+q8_0
+  # NIAH-4 at 2048 in q8_0 beside f16, with the full cache on the same prompts (about 25, 4, 3 and 6 minutes)
+  "${ESF[@]}" --plan targets --ctx 2048 --budget 0.35 --task mniah --method razor_pins_r0.1+q8_0 \
+    --method streaming+q8_0 --method streaming --method full
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
     --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
