@@ -66,17 +66,14 @@ run_bundle() {
   pack "setup"
   grep -q "^gpus [1-9]" "$g/machine.txt" || { pack "no GPU device (see machine.txt)"; exit 1; }
 
-  export TWIN=${TWIN:-/tmp/llama3-8b-twin.gguf}
-  local first=${TWIN%.gguf}-first.gguf step
-  twin() { [ -f "$1" ] || "$py" tools/make_bench_model.py "$1" --shape llama3-8b --n-ctx-train 131072 "${@:2}" > /dev/null; }
+  local step
   export BENCH_DECODE=${BENCH_DECODE:-256} BENCH_S=${BENCH_S:-150}
   for step in "$@"; do
     case $step in
       tests)
-        twin "$TWIN" & local p1=$!
-        twin "$first" --retrieval-first & local p2=$!
+        tools/gpu_run.sh "$g" none twins & local p=$!
         TESTS_S=${TESTS_S:-170} tools/gpu_run.sh "$g" none tests
-        wait $p1 $p2 ;;
+        wait $p ;;
       bench)
         BENCH_ARGS=--no-compensation BENCH_TAG=-norow BENCH_FIRST_CTX="8192 32768" BENCH_CTX="8192 32768" \
           tools/gpu_run.sh "$g" none bench

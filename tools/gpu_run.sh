@@ -12,14 +12,15 @@
 #             BENCH_ARGS goes to every bench run (e.g. --no-compensation on the same twins) and BENCH_TAG to the
 #             names of its JSON files, so runs with other arguments land beside each other (an empty BENCH_CTX or
 #             BENCH_FIRST_CTX skips that twin);
+#   twins     only writes both twins (the bench and fit steps write what is missing);
 #   fit       tools/gpu_fit.py: the longest context each cache fits in FIT_GIB GiB, weights included;
 #   embed     `razor-gguf embed-heads --device cuda`: MODEL scored again (its map compared with the CPU's), and
 #             the probe on the 8B twin.
 # Needs libraries built with the CUDA backend (`CMAKE_ARGS=-DGGML_CUDA=ON make setup`, or tools/check_cuda_build.sh
 # with RAZOR_GGUF_LIB_PATH set to its bin/ folder).
-# usage: tools/gpu_run.sh OUT_DIR MODEL.gguf [STEP ...]   (steps: tests evidence bench fit embed; default all)
+# usage: tools/gpu_run.sh OUT_DIR MODEL.gguf [STEP ...]   (steps: tests evidence twins bench fit embed; default all but twins)
 set -uo pipefail
-[ $# -ge 2 ] || { echo "usage: $0 OUT_DIR MODEL.gguf [tests|evidence|bench|fit|embed ...]" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: $0 OUT_DIR MODEL.gguf [tests|evidence|twins|bench|fit|embed ...]" >&2; exit 2; }
 out=$1 model=$2
 shift 2
 [ $# -gt 0 ] || set -- tests evidence bench fit embed
@@ -54,6 +55,10 @@ for step in "$@"; do
         --plan "${EVIDENCE_PLAN:-targets,kld,frontier,kld-frontier}" --n-gpu-layers 999 --max-minutes "$min" \
         --no-progress 2> "$out/evidence.log"
       say "evidence rc=$? ($(grep -c ': .* s$' "$out/evidence.log") cells)" ;;
+    twins)  # both twins at once (each write is one core's work), e.g. in the background while the tests run
+      make_twin & p=$!
+      make_twin_first || say "twins: writing the retrieval-first twin failed"
+      wait $p || say "twins: writing the twin failed" ;;
     bench)
       make_twin || { say "bench: writing the twin failed"; continue; }
       make_twin_first || { say "bench: writing the retrieval-first twin failed"; continue; }
