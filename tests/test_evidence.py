@@ -238,6 +238,25 @@ def test_evidence_kv_types_budget_against_f16(smollm2_razor, tmp_path):
     assert r.returncode == 2 and "unknown method 'razor+q3_k'" in r.stderr
 
 
+def test_evidence_on_a_sliding_window_model(gemma3_razor, tmp_path):
+    """On Gemma 3 (interleaved sliding window) the cells count the sliding-window layers' own cache at its window,
+    not at llama-cpp-python's full size (memory no method can save, which would leave a budget nothing to give the
+    global layers), so a budget runs StreamingLLM in the global layers and one retrieval head with pins there."""
+    out = tmp_path / "ev.json"
+    r = _run("run", str(gemma3_razor[0]), "--out", str(out), "--ctx", "1024", "--plan", "targets", "--task",
+             "passkey", "--n", "1", "--budget", "0.95", "--method", "full", "--method", "streaming", "--method",
+             "razor_pins_r0.01", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cells = json.loads(out.read_text())["cells"]
+    full = cells["passkey/1024/full"]
+    # 18 layers, one KV head of 256: a full-size cache holds 1 KiB per layer and token, 15 of the layers far less
+    assert full["kv_bytes"] < 0.8 * 18 * full["ctx"] * 1024
+    s, p = cells["passkey/1024/streaming/0.95"], cells["passkey/1024/razor_pins_r0.01/0.95"]
+    assert s["supported"] and s["retrieval_heads"] == 0 and s["kv_fraction"] <= 0.95 and s["window"] > 0
+    assert p["supported"] and p["retrieval_heads"] == 1 and p["kv_fraction"] <= 0.95 and p["window"] > 0
+    assert p["window"] < s["window"]  # the retrieval head keeps every token, out of the same memory
+
+
 def test_kld_target_pairs_the_same_kv_type():
     """The 8k prose target compares a typed razor cell with StreamingLLM in the same KV type when that was measured
     (quantization helps both), an untyped one with StreamingLLM in f16."""

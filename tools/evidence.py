@@ -275,8 +275,10 @@ def open_model(model: str, method: str, budget: float | None, n_ctx: int, args, 
         # a fraction of the f16 cache, as llama.cpp's fraction of the cache in this method's type
         kw["kv_budget"] = budget * f16_bytes_per(kv_type)
     try:
+        # swa_full=False: a sliding-window layer attends within its window whatever its cache holds, and a
+        # full-size one (llama-cpp-python's default) would count as memory no method can save
         llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, flash_attn=True, seed=0,
-                    verbose=False, n_gpu_layers=args.n_gpu_layers, **kw, **extra)
+                    verbose=False, n_gpu_layers=args.n_gpu_layers, swa_full=False, **kw, **extra)
     except (RazorUnavailableError, ValueError) as e:
         return None, str(e).splitlines()[0]
     return llm, {**llm.razor_stats(), **({"kv_type": kv_type} if kv_type else {})}
