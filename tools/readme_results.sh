@@ -138,6 +138,9 @@ if [[ $what == all || $what == eval ]]; then
   done
   "${ESF[@]}" --plan kld --ctx 8192 --budget 0.35 --task kld --method razor_pins_r0.1+q8_0 --method streaming+q8_0 \
     --method full+q8_0
+  # passkey at 8192 in q8_0: the default (W 4732) and StreamingLLM at the same bytes (about 80 and 60 minutes)
+  "${ESF[@]}" --plan targets --ctx 8192 --budget 0.35 --task passkey --method razor_pins_r0.1+q8_0
+  "${ESF[@]}" --plan targets --ctx 8192 --budget 0.35 --task passkey --method streaming+q8_0
   # NIAH-4 at 2048 in q8_0 beside f16, with the full cache on the same prompts (about 25, 4, 3 and 6 minutes)
   "${ESF[@]}" --plan targets --ctx 2048 --budget 0.35 --task mniah --method razor_pins_r0.1+q8_0 \
     --method streaming+q8_0 --method streaming --method full
@@ -152,4 +155,9 @@ if [[ $what == all || $what == eval ]]; then
   "${RC[@]}" --probes 16 --cell pydoc:2048:needle1
   run passkey-gemma3 eval "$GEMMA_R" --task passkey --ctx 1024 --ctx 4096 --depths 0,0.5,1 \
     --threads 2 --no-progress --plot "$OUT/passkey-gemma3.png"
+  # Gemma 3 270M's three global heads at 8192 tokens and 0.8 of the stock iSWA cache: none kept whole
+  # (StreamingLLM in the global layers), one (ratio 0.01: the top echo head) or two (0.06), with 64 pins
+  EG=(.venv/bin/python tools/evidence.py run "$GEMMA_R" --out "$OUT/evidence-gemma3.json" --budget 0.8 --plan targets)
+  "${EG[@]}" --ctx 8192 --task passkey --method full --method streaming --method razor_pins_r0.01 \
+    --method razor_pins_r0.06
 fi
