@@ -35,6 +35,11 @@ int32_t      llama_razor_n_pin(const void * ctx);
 int32_t      llama_razor_set_pins(void * ctx, int32_t seq_id, const int32_t * pos, int32_t n);
 int32_t      llama_razor_pin_capture(void * ctx, bool on);
 int32_t      llama_razor_pin_scores(void * ctx, int32_t seq_id, float * out, int32_t n);
+
+struct gguf_init_params { bool no_alloc; void ** ctx; };
+void *       gguf_init_from_file(const char * fname, struct gguf_init_params params);
+int64_t      gguf_find_key(const void * ctx, const char * key);
+void         gguf_free(void * ctx);
 """
 
 
@@ -204,6 +209,27 @@ def _int_array(ctx, getter: str, ctype: str) -> list[int] | None:
 def head_map(ctx) -> list[int] | None:
     """The head map in effect ([n_layer*n_head_kv], 1 = retrieval), None for a stock cache."""
     return _int_array(ctx, "llama_razor_head_map", "int32_t")
+
+
+def gguf_has_key(path: str, *keys: str) -> bool | None:
+    """Whether the GGUF at path holds any of these metadata keys, read by ggml's own GGUF parser (its header
+    only: no tensor data, fast where gguf-py's reader takes seconds on a large vocabulary); None when the file
+    cannot be read as a GGUF (the load that follows reports why)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":  # not ours to report: ggml's parser would print its own line first
+                return None
+    except OSError:
+        return None
+    ffi, lib = razor_lib()
+    params = ffi.new("struct gguf_init_params *", {"no_alloc": True, "ctx": ffi.NULL})
+    g = lib.gguf_init_from_file(os.fsencode(path), params[0])
+    if g == ffi.NULL:
+        return None
+    try:
+        return any(lib.gguf_find_key(g, k.encode()) >= 0 for k in keys)
+    finally:
+        lib.gguf_free(g)
 
 
 def n_ubatch(ctx) -> int | None:

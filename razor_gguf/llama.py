@@ -167,11 +167,38 @@ def razor_stats(llm, kv_budget: float | str | None = None) -> dict[str, Any]:
     }
 
 
+def _clear_memory(llm) -> None:
+    llm.n_tokens = 0
+    _llama_cpp.llama_cpp.llama_memory_clear(_llama_cpp.llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+
+
+class SwaPrefixCheck:
+    """llama-server's check before it reuses a cached prefix, for a llama_cpp.Llama: a sliding-window model's
+    SWA cache at window size (swa_full=False) no longer holds the positions older than its window, so a prefix
+    cut short of what is cached may lack keys the next token attends to. llama-cpp-python reuses a prefix
+    whenever seq_rm accepts the cut, which a stock SWA cache always does; here the prompt is read afresh
+    instead, as llama-server does ("forcing full prompt re-processing due to lack of cache data")."""
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if self.n_tokens > 0 and self._swa_prefix_lost():
+            tokens = [*self._input_ids[:self.n_tokens].tolist(), *tokens]
+            _clear_memory(self)
+        super().eval(tokens)
+
+    def _swa_prefix_lost(self) -> bool:
+        n_swa = _llama_cpp.llama_cpp.llama_model_n_swa(self._model.model)
+        if n_swa <= 0:
+            return False  # razor's own rings refuse a cut they cannot serve (seq_rm returns false)
+        mem = _llama_cpp.llama_cpp.llama_get_memory(self._ctx.ctx)
+        pos_min = _llama_cpp.llama_cpp.llama_memory_seq_pos_min(mem, 0)
+        return pos_min < 0 or pos_min > max(0, self.n_tokens - n_swa)
+
+
 class PinChoice:
     """Pin choice for a llama_cpp.Llama whose context pins tokens (razor.n_pin): a prompt evaluated from an
     empty cache, or over a cached prefix that ends before one of the last prompt's pins, is read once to choose
     its pins (razor_gguf.pins), then again with them; a continuation keeps them. razor_gguf.Llama has it;
-    `razor-gguf serve` gives it to llama-cpp-python's server model (serve_with_pins)."""
+    `razor-gguf serve` gives it to llama-cpp-python's server model (ServedLlama)."""
 
     _pins: Sequence[int] = ()  # the last prompt's pins (set by _choose_pins)
 
@@ -185,8 +212,7 @@ class PinChoice:
         super().eval(tokens)
 
     def _clear(self) -> None:
-        self.n_tokens = 0
-        _llama_cpp.llama_cpp.llama_memory_clear(_llama_cpp.llama_cpp.llama_get_memory(self._ctx.ctx), True)
+        _clear_memory(self)
 
     def _choose_pins(self, tokens: list[int]) -> None:
         """Reads a prompt that starts from an empty cache once to choose its pins (razor_gguf.pins), then clears
@@ -217,18 +243,23 @@ class PinChoice:
         return list(self._pins)
 
 
-class _ServedLlama(PinChoice, _llama_cpp.Llama):
-    """llama-cpp-python's Llama as its server loads it, with razor_gguf.Llama's pin choice."""
+def swa_full_default(model_path: str, kwargs: dict[str, Any]) -> None:
+    """razor-gguf's default for llama-cpp-python's swa_full (see Llama): False for a model with a head map, unless
+    given (kwargs is updated)."""
+    if "swa_full" not in kwargs and _native.gguf_has_key(model_path, "razor.head_map", "razor.version"):
+        kwargs["swa_full"] = False
 
 
-def serve_with_pins(llm: _llama_cpp.Llama) -> None:
-    """Give a llama_cpp.Llama loaded by llama-cpp-python's server (which builds it itself) the pin choice of
-    razor_gguf.Llama; nothing changes for a context without pins."""
-    if not isinstance(llm, PinChoice):
-        llm.__class__ = _ServedLlama
+class ServedLlama(SwaPrefixCheck, PinChoice, _llama_cpp.Llama):
+    """llama-cpp-python's Llama as `razor-gguf serve` has its server load it: razor_gguf.Llama's swa_full default,
+    prefix check and pin choice (the check first: a prompt it reads afresh chooses its pins again)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        swa_full_default(kwargs.get("model_path") or args[0], kwargs)
+        super().__init__(*args, **kwargs)
 
 
-class Llama(PinChoice, _llama_cpp.Llama):
+class Llama(SwaPrefixCheck, PinChoice, _llama_cpp.Llama):
     """Drop-in replacement for `llama_cpp.Llama` (same constructor, methods and streaming) on the
     razor-patched llama.cpp.
 
@@ -255,6 +286,13 @@ class Llama(PinChoice, _llama_cpp.Llama):
              RuntimeError (llama_decode's error; lost_rpc_workers() names it): load the model again once it
              answers. The RPC protocol has no authentication.
 
+    swa_full: llama-cpp-python's option, whose default (True) gives a sliding-window model's SWA layers a cache
+             of the whole context. For a model with a head map the default here is False, as in llama-server:
+             those layers keep their window plus one ubatch, and a kv_budget counts them at that size (with a
+             full-size SWA cache a small budget cannot be met at all). A cached prefix the window-size cache can
+             no longer serve is read afresh (SwaPrefixCheck). Models without a head map keep llama-cpp-python's
+             default.
+
     A model without a head map runs the full cache, with a one-line notice on stderr.
     Prefix reuse across calls is llama-cpp-python's: when the razor cache cannot drop the old tail
     (its tokens were already folded into the compensation row), the prompt is evaluated afresh.
@@ -273,6 +311,7 @@ class Llama(PinChoice, _llama_cpp.Llama):
         if clash:
             raise ValueError(f"razor options contradict kv_overrides for {', '.join(clash)}")
         overrides = {**theirs, **ours}
+        swa_full_default(model_path, kwargs)
         self._razor_budget = kv_budget
         self._razor_overrides = overrides
         with RazorLogTap(verbose=kwargs.get("verbose", True)) as tap:
@@ -313,5 +352,4 @@ class Llama(PinChoice, _llama_cpp.Llama):
         return razor_stats(self, self._razor_budget)
 
 
-__all__ = ["Llama", "PinChoice", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats",
-           "serve_with_pins"]
+__all__ = ["Llama", "PinChoice", "ServedLlama", "SwaPrefixCheck", "RazorUnavailableError", "razor_fallback_reason", "razor_overrides", "razor_stats"]

@@ -11,6 +11,7 @@ that API.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -114,6 +115,22 @@ class RequestValidation:
         await self.app(scope, replay, send)
 
 
+@contextlib.contextmanager
+def served_model_class():
+    """llama-cpp-python's server builds its model itself, as `llama_cpp.Llama(...)` (llama_cpp.server.model), with
+    no setting for swa_full: while it loads, that name is razor_gguf.llama.ServedLlama, which adds what
+    razor_gguf.Llama does on top (swa_full's default for a model with a head map, the prefix check, the pins)."""
+    import llama_cpp
+
+    from .llama import ServedLlama
+
+    stock, llama_cpp.Llama = llama_cpp.Llama, ServedLlama
+    try:
+        yield
+    finally:
+        llama_cpp.Llama = stock
+
+
 def current_model():
     """The llama_cpp.Llama the upstream server is running (one model per razor-gguf server)."""
     from llama_cpp.server import app as server_app
@@ -125,7 +142,7 @@ def current_model():
 def build_app(args: argparse.Namespace):
     """The FastAPI app with the model loaded. Raises UserError for bad input."""
     from . import _native
-    from .llama import RazorLogTap, razor_fallback_reason, razor_stats, serve_with_pins
+    from .llama import RazorLogTap, razor_fallback_reason, razor_stats
 
     _native.load_llama_cpp()  # bind llama_cpp to the patched libraries before the server imports it
     try:
@@ -155,13 +172,12 @@ def build_app(args: argparse.Namespace):
     server_settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key,
                                      interrupt_requests=False)
     try:
-        with RazorLogTap(verbose=args.verbose) as tap:
+        with RazorLogTap(verbose=args.verbose) as tap, served_model_class():
             app = create_app(server_settings=server_settings, model_settings=[model_settings])
     except ValueError as e:
         raise UserError(f"{args.model}: {(tap.errors or str(e).splitlines())[-1]}") from None
     app.add_middleware(RequestValidation, alias=model_settings.model_alias)
     llm = current_model()
-    serve_with_pins(llm)  # the server builds llama_cpp.Llama itself: a prompt from an empty cache chooses its pins
     llm._razor_overrides = overrides  # what razor_stats reports as the settings in effect
     served = {"overrides": overrides}  # what the model is (re)loaded with: the razor switch changes it
     if workers:
@@ -236,16 +252,15 @@ def build_app(args: argparse.Namespace):
 def _reload(proxy, model_settings, overrides: dict[str, Any], verbose: bool) -> list[str]:
     """Replace the served model by one loaded with these razor overrides (llama_cpp.server's proxy reloads it
     from the updated settings). Returns the `razor:` notes llama.cpp logged while loading it."""
-    from .llama import RazorLogTap, forget_lost_rpc_workers, serve_with_pins
+    from .llama import RazorLogTap, forget_lost_rpc_workers
 
     model_settings.kv_overrides = kv_override_strings(overrides) or None
     if proxy._current_model is not None:
         proxy._current_model.close()
     proxy._current_model = proxy._current_model_alias = None
     forget_lost_rpc_workers()  # the old model's buffers on them went with it: the load connects afresh
-    with RazorLogTap(verbose=verbose) as tap:
+    with RazorLogTap(verbose=verbose) as tap, served_model_class():
         llm = proxy(model_settings.model_alias)
-    serve_with_pins(llm)
     llm._razor_overrides = overrides
     return tap.lines
 

@@ -164,6 +164,75 @@ def test_trim_and_state_round_trip(gemma):
         llm.close()
 
 
+def test_swa_full_default_follows_the_head_map(gemma, tmp_path):
+    """With a head map the SWA layers get a window-size cache unless swa_full is given, so a budget the
+    full-size one leaves nothing for is met; a model without a head map keeps llama-cpp-python's default
+    (a full-size SWA cache) and runs as llama-cpp-python runs it."""
+    path, cfg, _ = gemma
+    plain = tm.write_tiny_model(tmp_path / "gemma-plain.gguf", cfg)
+    for p, swa_full, kw in ((path, False, {}), (path, True, {"swa_full": True}), (plain, True, {})):
+        llm = _llama(p, n_ctx=4096, **kw)
+        try:
+            assert llm.context_params.swa_full is swa_full
+        finally:
+            llm.close()
+    llm = _llama(path, n_ctx=4096, kv_budget=0.35)  # at 4096 the full-size SWA cache alone is 0.5 of the stock
+    try:
+        st = llm.razor_stats()
+        assert st["razor"] and st["kv_bytes"] <= 0.35 * st["full_equiv_bytes"]
+    finally:
+        llm.close()
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        _llama(path, n_ctx=4096, kv_budget=0.35, swa_full=True)
+
+
+@pytest.mark.parametrize("razor", [True, False])
+def test_prefix_reuse_past_the_sliding_window_reads_afresh(gemma, razor):
+    """razor_gguf.Llama gives a model with a head map a window-size SWA cache by default (swa_full=False, as
+    llama-server does). A prompt that shares only an early prefix with the cached one, cut where that cache no
+    longer holds the keys the next token attends to, is read afresh (SwaPrefixCheck): bitwise a fresh model's
+    logits, with the razor cache and with the stock one; a prompt that extends the cached one still reuses it.
+    llama-cpp-python alone reuses the prefix at that cut (the stock SWA cache accepts it) and attends to a
+    window with a hole: about 0.5 off in the logits when run without the check."""
+    import llama_cpp
+
+    from razor_gguf import Llama
+
+    class Recorder(llama_cpp.Llama):
+        def eval(self, tokens):
+            self.starts.append(self.n_tokens)  # where the binding's eval starts, after razor_gguf.Llama's checks
+            super().eval(tokens)
+
+    class RecordingLlama(Llama, Recorder):
+        starts: list = []
+
+    path, cfg, _ = gemma
+    kw = dict(n_ctx=1024, n_batch=16, n_ubatch=16, logits_all=True, type_k=0, type_v=0, n_threads=2, verbose=False,
+              razor=razor, **(dict(window=400, compensation=False) if razor else {}))  # a ring that accepts the cut
+    llm = RecordingLlama(model_path=str(path), **kw)
+    llm.starts = []
+    first = [int(t) for t in _tokens(cfg, 400, seed=11)]
+    second = first[:100] + [int(t) for t in _tokens(cfg, 60, seed=12)]  # SWA cache: 256 cells, the last ones
+    third = second + [int(t) for t in _tokens(cfg, 20, seed=13)]
+    try:
+        assert llm.context_params.swa_full is False and llm.razor_stats()["razor"] is razor
+        next(llm.generate(first, temp=0.0))
+        for toks in (second, third):
+            next(llm.generate(toks, temp=0.0))
+            fresh = Llama(model_path=str(path), **kw)  # the same ubatches from position 0
+            fresh.eval(toks)
+            want = np.array(fresh.scores[:len(toks)])
+            fresh.close()
+            assert np.array_equal(np.array(llm.scores[:len(toks)]), want)
+        n = len(llm.starts)
+        for _ in zip(range(300), llm.generate(third, temp=0.0)):  # decoding on, far past the SWA cache's 256 cells
+            pass
+    finally:
+        llm.close()
+    assert llm.starts[n - 1] == len(second) and 100 not in llm.starts, llm.starts
+    assert min(llm.starts[n:]) >= len(third) - 1 and max(llm.starts) > 256 + 64, "a continuation read afresh"
+
+
 @pytest.mark.parametrize("unified", [False, True])
 def test_seq_cp_and_keep(gemma, unified):
     """A sequence copied after its early tokens left both the razor window and the sliding window, each copy

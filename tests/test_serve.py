@@ -184,3 +184,24 @@ def test_pins_are_chosen_as_razor_gguf_llama_chooses_them(smollm2_razor, tmp_pat
     finally:
         llm.close()
         _stop(proc)
+
+
+def test_sliding_window_model_gets_its_window_and_a_small_budget(tmp_path):
+    """A sliding-window model with a head map (the tiny gemma3-style GGUF of tests/test_razor_iswa.py): the
+    server's own model gets the SWA cache of window size that razor_gguf.Llama gives it (llama-cpp-python's
+    server has no swa_full setting), so a budget the full-size SWA cache alone would exceed is met."""
+    import numpy as np
+
+    from razor_gguf.testing import tiny_model as tm
+
+    cfg = tm.TinyConfig(arch="gemma3", n_swa=32, swa_pattern=2)
+    path = tm.write_tiny_model(tmp_path / "gemma-mixed.gguf", cfg,
+                               tm.RazorMeta(head_map=np.array([[0, 0], [1, 0], [0, 0], [0, 0]], np.int32), n_sink=4,
+                                            window=16))
+    base, proc = _start(path, tmp_path / "server.log", "--ctx", "4096", "--n-batch", "256", "--kv-budget", "0.45")
+    try:
+        stats = json.loads(urllib.request.urlopen(base + "/v1/razor/stats").read())
+    finally:
+        _stop(proc)
+    assert stats["razor"] and stats["kv_bytes"] <= 0.45 * stats["full_equiv_bytes"], stats
+    assert 0 < stats["swa_bytes"] < 0.15 * stats["full_equiv_bytes"], stats  # full size: 0.5, and 0.45 unmet
