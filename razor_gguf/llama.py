@@ -207,12 +207,9 @@ class PinChoice:
             # A new prompt, or one that replaces a pinned token of the last (the server reusing only a shared
             # system prompt): its pins are chosen from all of it.
             tokens = [*self._input_ids[:self.n_tokens].tolist(), *tokens]
-            self._clear()
+            _clear_memory(self)
             self._choose_pins(tokens)
         super().eval(tokens)
-
-    def _clear(self) -> None:
-        _clear_memory(self)
 
     def _choose_pins(self, tokens: list[int]) -> None:
         """Reads a prompt that starts from an empty cache once to choose its pins (razor_gguf.pins), then clears
@@ -234,7 +231,7 @@ class PinChoice:
             _native.pin_capture(ctx, False)
         scores = _native.pin_scores(ctx, len(tokens))
         self._pins = select_pins(scores, _native.n_pin(ctx), n_sink, end)
-        self._clear()
+        _clear_memory(self)
         _native.set_pins(ctx, self._pins)
 
     @property
