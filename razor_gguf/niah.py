@@ -113,10 +113,14 @@ def make_trials(tokenize: Callable[[str], Sequence[int]], haystack: str, n_token
     return out
 
 
+def first_number(answer: str) -> str | None:
+    m = re.search(r"\d+", answer.replace(",", ""))
+    return m.group(0) if m else None
+
+
 def is_correct(answer: str, number: str) -> bool:
     """Exact match: the first number in the answer is the needle's number."""
-    m = re.search(r"\d+", answer.replace(",", ""))
-    return m is not None and m.group(0) == number
+    return first_number(answer) == number
 
 
 @dataclass(frozen=True)
@@ -166,3 +170,16 @@ def multi_trial(tokenize: Callable[[str], Sequence[int]], haystack: str, n_token
     cities = rng.sample(CITIES, n_needles)
     needles = [(c, str(rng.randint(1_000_000, 9_999_999)), rng.random()) for c in cities]
     return make_multi_prompt(tokenize, haystack, n_tokens, needles, rng.randrange(n_needles), **wording)
+
+
+def needle_choice(tokenize: Callable[[str], Sequence[int]], p: MultiNeedlePrompt, answer: str, *,
+                  needle: str = NEEDLE) -> dict:
+    """Which needle an answer to a multi-needle prompt names, for telling a distractor answered from a needle
+    lost: `needle_pos` the token position where each needle starts (text order), `asked` the index of the one the
+    question names, `named` the index of the one whose number the answer gives (None: no needle's). needle: the
+    prompt's wording (make_multi_prompt's)."""
+    numbers = [x for _, x, _ in p.needles]
+    pos = [len(tokenize(p.text[:p.text.index(needle.format(city=c, number=x))])) for c, x, _ in p.needles]
+    said = first_number(answer)
+    return {"needle_pos": pos, "asked": numbers.index(p.answer),
+            "named": numbers.index(said) if said in numbers else None}

@@ -122,6 +122,10 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
                 assert c["kv_fraction"] <= 0.6 and c["window"] > 0
     full = cells["passkey/512/full"]
     assert full["correct"] == 2  # the full cache finds a passkey in 512 tokens
+    for p in (p for k, c in cells.items() if k.startswith("mniah") for p in c["prompts"]):
+        # which needle the answer names, and where each starts, in text order
+        assert len(p["needle_pos"]) == 4 and p["needle_pos"] == sorted(p["needle_pos"]) and p["needle_pos"][-1] < 512
+        assert (p["named"] == p["asked"]) == p["correct"] and p["named"] in (None, 0, 1, 2, 3)
     # the same prompts for every method
     assert [p["expected"] for p in cells["mniah/512/razor/0.6"]["prompts"]] == \
         [p["expected"] for p in cells["mniah/512/full"]["prompts"]]
@@ -177,6 +181,32 @@ def test_evidence_short_run_resumes(smollm2_razor, tmp_path):
     # streaming against razor, paired on the prompts both ran
     assert "- passkey 512, budget 0.6: streaming" in r.stdout and "discordant (sign test p = " in r.stdout
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert "- mniah 512, budget 0.6: razor (W " in r.stdout and " named a distractor in the window, " in r.stdout
+
+    # annotate: prompts recorded without the needles get them, as a run writes them; a prompt this Python and
+    # tokenizer do not make again is refused before anything is written
+    store = json.loads(out.read_text())
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({**store, "cells": {k: {**c, "prompts": [
+        {f: v for f, v in p.items() if f not in ("needle_pos", "asked", "named")} for p in c["prompts"]]}
+        if "prompts" in c else c for k, c in store["cells"].items()}}))
+    r = _run("annotate", str(bare), model)
+    assert r.returncode == 0 and "multi-needle prompts annotated" in r.stdout, r.stderr[-2000:]
+    assert json.loads(bare.read_text())["cells"] == store["cells"]
+    for p in store["cells"]["mniah/512/full"]["prompts"]:
+        p.pop("named")
+    bare.write_text(json.dumps({**store, "cells": {**store["cells"], "mniah/512/full": {
+        **store["cells"]["mniah/512/full"], "prompts": [{**p, "expected": "1234567"} if p["i"] == 1 else p
+                                                         for p in store["cells"]["mniah/512/full"]["prompts"]]}}}))
+    before = bare.read_text()
+    r = _run("annotate", str(bare), model)
+    assert r.returncode == 2 and "mniah/512/full prompt 1 is not the prompt" in r.stderr and "Traceback" not in r.stderr
+    assert bare.read_text() == before
+    r = _run("annotate", str(bare), str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+    bare.write_text("[1, 2]")
+    r = _run("annotate", str(bare), model)
+    assert r.returncode == 2 and "not a results file" in r.stderr and "Traceback" not in r.stderr
 
     # a run of another model file (re-embedded: another sha256) without references takes them from this one,
     # marked with their file, and pairs on the prompts both ran

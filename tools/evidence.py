@@ -3,7 +3,8 @@
 passkey, multi-needle NIAH and next-token KLD, run in cells that a JSON file accumulates across sittings.
 
   tools/evidence.py run MODEL.razor.gguf --out docs/results/evidence-smollm2.json [--plan targets,frontier,kld]
-  tools/evidence.py report docs/results/evidence-smollm2.json [--plot-dir docs/results]
+  tools/evidence.py report docs/results/evidence-smollm2.json [--plot docs/results/frontier.png]
+  tools/evidence.py annotate docs/results/evidence-smollm2.json MODEL.gguf   (not while a run writes the file)
 
 A cell is (task, prompt length, method, KV budget). Prompt i of a cell is the same text for every method and
 budget (its seed is (task, length, i)), so methods are compared on the same prompts, and a cell asked for more
@@ -112,15 +113,32 @@ def depth_of(i: int) -> float:
 
 def prompt_of(task: str, tokenize, length: int, i: int, haystack: str):
     """(text, expected answer, depth) of prompt i of a task at a length."""
-    from razor_gguf import niah, passkey
+    from razor_gguf import passkey
 
-    seed = int.from_bytes(hashlib.sha256(f"{task}/{length}/{i}".encode()).digest()[:4], "little")
     if task == "passkey":
-        key = str(random.Random(seed).randint(10000, 99999))
+        key = str(random.Random(prompt_seed(task, length, i)).randint(10000, 99999))
         p = passkey.make_prompt(tokenize, length, depth_of(i), key)
         return p.text, p.key, p.depth
-    p = niah.multi_trial(tokenize, haystack, length, N_NEEDLES, seed)
+    p = mniah_prompt(tokenize, length, i, haystack)
     return p.text, p.answer, p.depth
+
+
+def prompt_seed(task: str, length: int, i: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{task}/{length}/{i}".encode()).digest()[:4], "little")
+
+
+def mniah_prompt(tokenize, length: int, i: int, haystack: str):
+    """Multi-needle prompt i at a length (razor_gguf.niah.MultiNeedlePrompt)."""
+    from razor_gguf import niah
+
+    return niah.multi_trial(tokenize, haystack, length, N_NEEDLES, prompt_seed("mniah", length, i))
+
+
+def needle_fields(tokenize, length: int, i: int, haystack: str, answer: str) -> dict:
+    """What a multi-needle prompt record adds: where each needle starts, which is asked, which the answer names."""
+    from razor_gguf import niah
+
+    return niah.needle_choice(tokenize, mniah_prompt(tokenize, length, i, haystack), answer)
 
 
 def is_correct(task: str, answer: str, expected: str) -> bool:
@@ -340,7 +358,8 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
             out = llm.create_completion(text, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1)
             answer = out["choices"][0]["text"].strip()
             prompts.append({"i": i, "depth": round(depth, 4), "n_tokens": len(tok(text)), "expected": expected,
-                            "answer": answer, "correct": is_correct(task, answer, expected)})
+                            "answer": answer, "correct": is_correct(task, answer, expected),
+                            **(needle_fields(tok, length, i, haystack, answer) if task == "mniah" else {})})
             if args.progress:
                 print(f"  {key} #{i}: {'ok ' if prompts[-1]['correct'] else 'MISS'} {answer[:30]!r}",
                       file=sys.stderr)
@@ -534,6 +553,7 @@ def report(store: dict) -> str:
         lines.append("")
     lines += paired_layer_windows(store)
     lines += paired_accuracy(store)
+    lines += needle_misses(store)
     lines += targets(store)
     return "\n".join(lines)
 
@@ -583,6 +603,36 @@ def paired_layer_windows(store: dict) -> list[str]:
                    f"{c['kld_mean']:.4f}, ratio {r['kld_mean'] / c['kld_mean']:.2f} [95% {lo:.2f}, {hi:.2f}]; top-1 "
                    f"{r['top1']:.1%} vs {c['top1']:.1%}; KV {r['kv_fraction']:.3f} vs {c['kv_fraction']:.3f} of full")
     return ["**per-layer windows against one uniform window** (paired block bootstrap)", "", *out, ""] if out else []
+
+
+def needle_misses(store: dict) -> list[str]:
+    """Multi-needle misses by the needle the answer names: a distractor inside the cell's local window (one that
+    starts in the prompt's last W tokens), another distractor, or no needle; for a cell with a window, also the
+    misses on prompts the full cache answers. Cells recorded before runs wrote the needles (`annotate`) are left out."""
+    cells, out = store["cells"], []
+
+    def kinds(ps: list, w: int | None) -> str:
+        k = [("none" if p["named"] is None else
+              "window" if w and p["needle_pos"][p["named"]] >= p["n_tokens"] - w else "other") for p in ps]
+        return ", ".join([f"{k.count('window')} named a distractor in the window"] * bool(w) + [
+            f"{k.count('other')} {'another distractor' if w else 'named a distractor'}", f"{k.count('none')} no needle"])
+
+    for c in sorted(cells.values(), key=lambda c: (c["task"], c["length"], c["budget"] or 0, c["method"])):
+        if c["task"] != "mniah" or not c.get("supported") or any("named" not in p for p in c["prompts"]):
+            continue
+        w = c.get("window")
+        misses = [p for p in c["prompts"] if not p["correct"]]
+        at = "" if c["budget"] is None else f", budget {c['budget']:g}"
+        line = (f"- mniah {c['length']}{at}: {c['method']}{f' (W {w})' if w else ''}: {len(misses)} of {c['n']} "
+                f"missed: {kinds(misses, w)}")
+        f = cells.get(cell_key("mniah", c["length"], "full", None))
+        if w and f and f.get("supported") and same_prompts(c, f):
+            right = {p["i"] for p in f["prompts"] if p["correct"]}
+            lost = [p for p in misses if p["i"] in right]
+            line += f"; of the {len(lost)} the full cache answers, {kinds(lost, w)}"
+        out.append(line)
+    return ["**multi-needle misses by the needle they name** (a distractor in the window: one in the prompt's "
+            "last W tokens, which the local heads still see)", "", *out, ""] if out else []
 
 
 def _streaming_like(cells: dict, task: str, length: int, method: str, budget: float) -> dict | None:
@@ -746,6 +796,46 @@ def plot(store: dict, path: str) -> None:
     plotting.save(fig, path)
 
 
+def cmd_annotate(args) -> int:
+    """Adds the needles (needle_fields) to multi-needle prompts recorded before runs wrote them. The prompts are
+    seeded, so each is made again and checked against its recorded answer and token count before it is touched: a
+    file of older runs of the same model (another GGUF file, weights not recorded yet) can be annotated too."""
+    import razor_gguf  # noqa: F401  (loads the patched llama.cpp for llama_cpp)
+    import llama_cpp
+    from razor_gguf import niah
+
+    path = pathlib.Path(args.results)
+    try:  # any results file of prompts this tokenizer makes: each prompt is checked below, not the file's model
+        store = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        store = e
+    if not isinstance(store, dict) or not isinstance(store.get("cells"), dict):
+        print(f"evidence: {path}: not a results file{f' ({store})' if isinstance(store, Exception) else ''}",
+              file=sys.stderr)
+        return 2
+    llm = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
+    tok = lambda text: llm.tokenize(text.encode(), add_bos=True)  # noqa: E731
+    haystack, made, n = niah.haystack_text(), {}, 0
+    for key, c in store["cells"].items():
+        for rec in c.get("prompts", []) if c["task"] == "mniah" else []:
+            if "named" in rec:
+                continue
+            at = (c["length"], rec["i"])
+            if at not in made:
+                p = mniah_prompt(tok, *at, haystack)
+                if (p.answer, len(tok(p.text))) != (rec["expected"], rec["n_tokens"]):
+                    print(f"evidence: {key} prompt {rec['i']} is not the prompt this Python and model make (another "
+                          "haystack or tokenizer); nothing annotated", file=sys.stderr)
+                    return 2
+                made[at] = p
+            rec.update(niah.needle_choice(tok, made[at], rec["answer"]))
+            n += 1
+    llm.close()
+    save_store(path, store)
+    print(f"evidence: {n} multi-needle prompts annotated in {path}")
+    return 0
+
+
 def cmd_report(args) -> int:
     store = json.loads(pathlib.Path(args.results).read_text())
     for ref in args.ref or []:
@@ -780,6 +870,10 @@ def main(argv=None) -> int:
     p.add_argument("--ref", action="append", metavar="OTHER.json",
                    help="take the full and streaming cells this file lacks from another run of the same prompts")
     p.set_defaults(func=cmd_report)
+    a = sub.add_parser("annotate", help="add the needles each answer names to multi-needle prompts recorded without")
+    a.add_argument("results")
+    a.add_argument("model", metavar="MODEL.gguf", help="a GGUF file of the results' weights (its tokenizer)")
+    a.set_defaults(func=cmd_annotate)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         bad = [p for p in args.plan.split(",") if p not in PLANS]
@@ -792,7 +886,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.model):
             ap.error(f"{args.model}: no such file")
     else:
-        missing = [f for f in [args.results, *(args.ref or [])] if not os.path.isfile(f)]
+        missing = [f for f in [args.results, *(getattr(args, "ref", None) or []), *([args.model] if args.cmd == "annotate" else [])]
+                   if not os.path.isfile(f)]
         if missing:
             ap.error(f"{missing[0]}: no such file")
     return args.func(args)
