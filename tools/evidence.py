@@ -134,13 +134,6 @@ def mniah_prompt(tokenize, length: int, i: int, haystack: str):
     return niah.multi_trial(tokenize, haystack, length, N_NEEDLES, prompt_seed("mniah", length, i))
 
 
-def needle_fields(tokenize, length: int, i: int, haystack: str, answer: str) -> dict:
-    """What a multi-needle prompt record adds: where each needle starts, which is asked, which the answer names."""
-    from razor_gguf import niah
-
-    return niah.needle_choice(tokenize, mniah_prompt(tokenize, length, i, haystack), answer)
-
-
 def is_correct(task: str, answer: str, expected: str) -> bool:
     from razor_gguf import niah, passkey
 
@@ -326,6 +319,8 @@ def cell_head(method: str, budget, n_ctx: int, st: dict, n_ubatch: int) -> dict:
 def run_retrieval_cell(store, key, task, length, method, budget, n, args, haystack, save=lambda: None) -> float:
     """Runs the prompts a cell is missing up to n, recording the cell and calling save() after each (an 8k
     cell takes hours on 2 cores: a run stopped inside one keeps its finished prompts); returns the seconds spent."""
+    from razor_gguf import niah
+
     cell = store["cells"].get(key)
     done = {p["i"] for p in cell["prompts"]} if cell and cell.get("supported") else set()
     todo = [i for i in range(n) if i not in done]
@@ -353,13 +348,14 @@ def run_retrieval_cell(store, key, task, length, method, budget, n, args, haysta
         tok = lambda text: llm.tokenize(text.encode(), add_bos=True)  # noqa: E731
         prompts = list(cell["prompts"]) if cell else []
         for i in todo:
-            text, expected, depth = prompt_of(task, tok, length, i, haystack)
+            mp = mniah_prompt(tok, length, i, haystack) if task == "mniah" else None
+            text, expected, depth = (mp.text, mp.answer, mp.depth) if mp else prompt_of(task, tok, length, i, haystack)
             llm.reset()  # every prompt from an empty cache
             out = llm.create_completion(text, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1)
             answer = out["choices"][0]["text"].strip()
             prompts.append({"i": i, "depth": round(depth, 4), "n_tokens": len(tok(text)), "expected": expected,
                             "answer": answer, "correct": is_correct(task, answer, expected),
-                            **(needle_fields(tok, length, i, haystack, answer) if task == "mniah" else {})})
+                            **(niah.needle_choice(tok, mp, answer) if mp else {})})
             if args.progress:
                 print(f"  {key} #{i}: {'ok ' if prompts[-1]['correct'] else 'MISS'} {answer[:30]!r}",
                       file=sys.stderr)
@@ -724,18 +720,26 @@ def same_prompts(a: dict, b: dict) -> bool:
     return all(theirs.get(p["i"]) == (p["expected"], p["n_tokens"]) for p in a["prompts"])
 
 
+def read_results(path: pathlib.Path) -> dict:
+    """A results file's store; anything else is a one-line error, exit 2."""
+    try:
+        store = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        print(f"evidence: {path}: not a results file ({e})", file=sys.stderr)
+        raise SystemExit(2)
+    if not isinstance(store, dict) or not isinstance(store.get("cells"), dict):
+        print(f"evidence: {path}: not a results file", file=sys.stderr)
+        raise SystemExit(2)
+    return store
+
+
 def merge_references(store: dict, path: pathlib.Path) -> None:
     """The full and streaming cells of another results file that this one lacks, marked with their file: the
     references for a file whose run left them out (a model file embedded again has another sha256 with the
     same weights, so its run starts a new file). Settings must agree; the pairing and the targets then use a
     merged cell only on identical prompts (same_prompts)."""
-    try:
-        other = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        print(f"evidence: {path}: not a results file ({e})", file=sys.stderr)
-        raise SystemExit(2)
-    if not isinstance(other, dict) or (other.get("settings"), other.get("model")) != (store.get("settings"),
-                                                                                     store.get("model")):
+    other = read_results(path)
+    if (other.get("settings"), other.get("model")) != (store.get("settings"), store.get("model")):
         print(f"evidence: {path} ran another model name or other settings than the report's file; not merged",
               file=sys.stderr)
         raise SystemExit(2)
@@ -797,7 +801,7 @@ def plot(store: dict, path: str) -> None:
 
 
 def cmd_annotate(args) -> int:
-    """Adds the needles (needle_fields) to multi-needle prompts recorded before runs wrote them. The prompts are
+    """Adds the needles (razor_gguf.niah.needle_choice) to multi-needle prompts recorded before runs wrote them. The prompts are
     seeded, so each is made again and checked against its recorded answer and token count before it is touched: a
     file of older runs of the same model (another GGUF file, weights not recorded yet) can be annotated too."""
     import razor_gguf  # noqa: F401  (loads the patched llama.cpp for llama_cpp)
@@ -805,14 +809,7 @@ def cmd_annotate(args) -> int:
     from razor_gguf import niah
 
     path = pathlib.Path(args.results)
-    try:  # any results file of prompts this tokenizer makes: each prompt is checked below, not the file's model
-        store = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        store = e
-    if not isinstance(store, dict) or not isinstance(store.get("cells"), dict):
-        print(f"evidence: {path}: not a results file{f' ({store})' if isinstance(store, Exception) else ''}",
-              file=sys.stderr)
-        return 2
+    store = read_results(path)  # not load_store: each prompt is checked below, not the file's model
     llm = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
     tok = lambda text: llm.tokenize(text.encode(), add_bos=True)  # noqa: E731
     haystack, made, n = niah.haystack_text(), {}, 0
@@ -837,7 +834,7 @@ def cmd_annotate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    store = json.loads(pathlib.Path(args.results).read_text())
+    store = read_results(pathlib.Path(args.results))
     for ref in args.ref or []:
         merge_references(store, pathlib.Path(ref))
     print(report(store))
@@ -873,7 +870,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("annotate", help="add the needles each answer names to multi-needle prompts recorded without")
     a.add_argument("results")
     a.add_argument("model", metavar="MODEL.gguf", help="a GGUF file of the results' weights (its tokenizer)")
-    a.set_defaults(func=cmd_annotate)
+    a.set_defaults(func=cmd_annotate, ref=None)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         bad = [p for p in args.plan.split(",") if p not in PLANS]
@@ -886,8 +883,8 @@ def main(argv=None) -> int:
         if not os.path.isfile(args.model):
             ap.error(f"{args.model}: no such file")
     else:
-        missing = [f for f in [args.results, *(getattr(args, "ref", None) or []), *([args.model] if args.cmd == "annotate" else [])]
-                   if not os.path.isfile(f)]
+        files = [args.results, *(args.ref or []), *([args.model] if args.cmd == "annotate" else [])]
+        missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             ap.error(f"{missing[0]}: no such file")
     return args.func(args)
