@@ -144,6 +144,10 @@ if [[ $what == all || $what == eval ]]; then
   # NIAH-4 at 2048 in q8_0 beside f16, with the full cache on the same prompts (about 25, 4, 3 and 6 minutes)
   "${ESF[@]}" --plan targets --ctx 2048 --budget 0.35 --task mniah --method razor_pins_r0.1+q8_0 \
     --method streaming+q8_0 --method streaming --method full
+  # NIAH-4 at 8192 in q8_0: the default (W 4732) and StreamingLLM at the same bytes (about 90 and 50 minutes)
+  for m in razor_pins_r0.1+q8_0 streaming+q8_0; do
+    "${ESF[@]}" --plan targets --ctx 8192 --budget 0.35 --task mniah --method $m
+  done
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
     --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
