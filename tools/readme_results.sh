@@ -148,6 +148,9 @@ if [[ $what == all || $what == eval ]]; then
   for m in razor_pins_r0.1+q8_0 streaming+q8_0; do
     "${ESF[@]}" --plan targets --ctx 8192 --budget 0.35 --task mniah --method $m
   done
+  # how many of a local head's rows are pins at the same memory, 4k NIAH-4 in the reference pass (about 60 minutes)
+  .venv/bin/python tools/pin_span_experiment.py "$SMOL_R" --json "$OUT/pin-count-reference-smollm2-4k.json" \
+    --tokens 4096 --window 714 --pins 64 --variants full,fwd12,p0,p128,p256
   .venv/bin/python tools/evidence.py report "$OUT/evidence-smollm2-pins-span.json" \
     --ref "$OUT/evidence-smollm2-pins-r10.json" --ref "$OUT/evidence-smollm2-pins-r10-2.json" \
     --ref "$OUT/evidence-smollm2-fewer-heads.json" --ref "$OUT/evidence-smollm2-cpu.json" \
