@@ -625,7 +625,7 @@ def needle_misses(store: dict) -> list[str]:
         if w and f and f.get("supported") and same_prompts(c, f):
             right = {p["i"] for p in f["prompts"] if p["correct"]}
             lost = [p for p in misses if p["i"] in right]
-            line += f"; of the {len(lost)} the full cache answers, {kinds(lost, w)}"
+            line += f"; {len(lost)} of them the full cache answers" + (f" ({kinds(lost, w)})" if lost else "")
         out.append(line)
     return ["**multi-needle misses by the needle they name** (a distractor in the window: one in the prompt's "
             "last W tokens, which the local heads still see)", "", *out, ""] if out else []
