@@ -801,9 +801,10 @@ def plot(store: dict, path: str) -> None:
 
 
 def cmd_annotate(args) -> int:
-    """Adds the needles (razor_gguf.niah.needle_choice) to multi-needle prompts recorded before runs wrote them. The prompts are
-    seeded, so each is made again and checked against its recorded answer and token count before it is touched: a
-    file of older runs of the same model (another GGUF file, weights not recorded yet) can be annotated too."""
+    """Adds the needles (razor_gguf.niah.needle_choice) to multi-needle prompts recorded before runs wrote them.
+    The prompts are seeded, so each is made again and checked against its recorded answer and token count before it
+    is touched: a file of older runs of the same model (another GGUF file, weights not recorded yet) can be annotated
+    too."""
     import razor_gguf  # noqa: F401  (loads the patched llama.cpp for llama_cpp)
     import llama_cpp
     from razor_gguf import niah
