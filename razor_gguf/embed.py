@@ -87,7 +87,9 @@ def embed_heads(
     (razor_gguf.layer_windows; minutes more) and store them (razor.layer_window_scale) where they win.
     ratios: measure the retrieval ratio at budget 0.35 (razor_gguf.ratios; about 126 reference forwards): a smaller
     one that wins replaces the selection's map, and the pins it ran with become the default (razor.n_pin) where they
-    lose nothing; the budget and per-layer windows are then measured with that map. None (the default): measured
+    lose nothing; the budget and per-layer windows are then measured with that map. Where the selection leaves no
+    local head (Gemma 3) fewer heads are held to the full model instead (razor_gguf.ratios), and a sliding-window
+    model gets no recommended budget (its local heads keep `window`). None (the default): measured
     with the calibration, and where this model cannot be measured (e.g. the selection's heads alone exceed the
     budget) the selection's map is kept with a notice; True: that is an error; False: not measured.
     device: where the reference pass runs: "cuda" (a GPU PyTorch sees), "cpu", or "auto" (cuda when there is one).
@@ -234,16 +236,25 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
     (ratios) the retrieval ratio and pins (razor_gguf.ratios), and with the map that gives, the recommended KV
     budget and (layer_windows) per-layer windows at that budget's window. Returns (compensation, budgets, layer
     windows, ratios, the scores with the adopted map); the measurements are None where there is nothing to
-    measure: no local head (every head of the global layers a retrieval head: razor runs the stock cache), or a
-    context too short to evict anything."""
+    measure: no local head (every head of the global layers a retrieval head: razor runs the stock cache) where the
+    ratio measurement, held to the full model there (the row measured on its smallest map), adopts no fewer heads,
+    or a context too short to evict anything."""
     from . import layer_windows as _layer_windows, ratios as _ratios
     from .calibration import (BUDGET_LADDER, DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNKS, calibration_chunks,
-                              local_heads, measure_budgets, measure_compensation)
+                              local_heads, measure_budgets, measure_compensation, swa_layers)
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
-    n_local = local_heads(hp, scores.head_map)
-    if sum(n_local) == 0 or n_tokens < n_sink + window + 256:
+    comp_map = scores.head_map  # the map the row is measured with: one with local heads
+    if sum(local_heads(hp, scores.head_map)) == 0:
+        # every global head a retrieval head (a sliding-window model): razor runs the stock cache unless the ratio
+        # measurement finds fewer heads that keep the full model's answers; the row is measured on the smallest
+        maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
+                                      scores.provenance["echo_ratio"])[1]
+        if ratios is False or len(maps) == 1:
+            return None, None, None, None, scores
+        comp_map = maps[0]
+    if n_tokens < n_sink + window + 256:
         return None, None, None, None, scores
     from . import _native
 
@@ -265,17 +276,19 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
         tok.close()
     chunks, valid = chunks[:DEFAULT_CHUNKS], chunks[DEFAULT_CHUNKS:]
     with _bar(3 * len(chunks), "calibrating", unit="pass") as bar:
-        comp = measure_compensation(model, scores.head_map, chunks, n_sink=n_sink, window=window,
+        comp = measure_compensation(model, comp_map, chunks, n_sink=n_sink, window=window,
                                     progress=lambda: bar.update(1))
     measured_ratios = None
     if ratios is not False:
         n_pin = 0 if comp.compensation else _ratios.N_PIN
-        n_cand = len(_ratios.candidates(float(scores.head_map.mean())))
-        with _bar(_ratios.passes(n_cand, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
+        maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
+                                      scores.provenance["echo_ratio"])[1]
+        n_read = len(maps) - (comp_map is not scores.head_map)  # a stock stored map is not read
+        with _bar(_ratios.passes(n_read, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
             try:
                 measured_ratios = _ratios.measure_ratios(
                     model, scores.echo, scores.induction, scores.head_map, scores.provenance["echo_ratio"], chunks,
-                    needles, n_sink=n_sink, compensation=comp.compensation, n_pin=n_pin,
+                    needles, n_sink=n_sink, compensation=comp.compensation, n_pin=n_pin, window=window,
                     progress=lambda: bar.update(1))
             except ValueError as ex:
                 if ratios:
@@ -283,13 +296,21 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
                 print(f"razor-gguf: {ex}; the selection's head map is kept", file=sys.stderr, flush=True)
         if measured_ratios is not None and measured_ratios.adopted:
             scores = _with_ratio(scores, measured_ratios)
-    with _bar((1 + len(BUDGET_LADDER)) * len(chunks), "budgets", unit="pass") as bar:
-        budgets = measure_budgets(model, scores.head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
-                                  progress=lambda: bar.update(1))
+    if sum(local_heads(hp, scores.head_map)) == 0:  # still the stock cache: no budget to recommend
+        return comp, None, None, measured_ratios, scores
+    budgets = None
+    if not any(swa_layers(hp)):
+        # not for a sliding-window model: the ladder's fractions count the global layers only, llama.cpp's kv_budget
+        # the sliding-window layers' cache too, so a fraction measured here would buy another window there; its
+        # local heads keep the recorded window, the one the measurements above ran at
+        with _bar((1 + len(BUDGET_LADDER)) * len(chunks), "budgets", unit="pass") as bar:
+            budgets = measure_budgets(model, scores.head_map, chunks, n_sink=n_sink, compensation=comp.compensation,
+                                      progress=lambda: bar.update(1))
     windows = None
     if layer_windows:
         # at the recommended budget's window (else the recorded window), at the calibration length
-        w = budgets.windows[budgets.budgets.index(budgets.kv_budget)] if budgets.kv_budget is not None else window
+        w = (budgets.windows[budgets.budgets.index(budgets.kv_budget)]
+             if budgets is not None and budgets.kv_budget is not None else window)
         n_local = local_heads(hp, scores.head_map)
         with _bar(_layer_windows.passes(sum(n > 0 for n in n_local), len(chunks), len(valid), n_probes=len(probes)),
                   "layer windows", unit="pass") as bar:
@@ -375,23 +396,36 @@ def _ratio_lines(info: dict) -> list[str]:
     if "calibration.ratios" not in p:
         return []
     n = p["calibration.ratio_probes"]
-    cells = "; ".join(
-        f"{r:.0%} ({h} heads, W {w}): KLD {k:.4f} (x{lo:.2f}-{hi:.2f}), top-1 {t:.1%}, probe {a}/{n}"
-        for r, h, w, k, lo, hi, t, a in zip(p["calibration.ratios"], p["calibration.ratio_heads"],
-                                            p["calibration.ratio_windows"], p["calibration.ratio_kld"],
-                                            p["calibration.ratio_kld_lo"], p["calibration.ratio_kld_hi"],
-                                            p["calibration.ratio_top1"], p["calibration.ratio_probe"]))
+    against_full = p.get("calibration.ratio_against_full", False)
+    last = len(p["calibration.ratios"]) - 1
+
+    def cell(i, r, h, w, k, lo, hi, t, a):
+        where = "stock" if against_full and i == last else f"W {w}"
+        interval = f"{lo:.4f}-{hi:.4f}" if against_full else f"x{lo:.2f}-{hi:.2f}"  # its own KLD's, or the ratio's
+        return f"{r:.0%} ({h} heads, {where}): KLD {k:.4f} ({interval}), top-1 {t:.1%}, probe {a}/{n}"
+
+    cells = "; ".join(cell(i, *c) for i, c in enumerate(zip(
+        p["calibration.ratios"], p["calibration.ratio_heads"], p["calibration.ratio_windows"],
+        p["calibration.ratio_kld"], p["calibration.ratio_kld_lo"], p["calibration.ratio_kld_hi"],
+        p["calibration.ratio_top1"], p["calibration.ratio_probe"])))
     pins = p["calibration.ratio_n_pin"]
     verdict = (f"adopted: {info['retrieval_count']} retrieval heads" if p["calibration.ratio_adopted"] else
                "the selection's ratio kept")
-    pin_line = ("" if not pins else
+    whose = "the adopted map's" if against_full else "the selection's"
+    probe_with = (p["calibration.ratio_probe"][p["calibration.ratio_heads"].index(info["retrieval_count"])]
+                  if against_full and p["calibration.ratio_adopted"] else p["calibration.ratio_probe"][-1])
+    pin_line = ("" if not pins or (against_full and not p["calibration.ratio_adopted"]) else
                 f"; {pins} pins {'on by default (razor.n_pin)' if p['calibration.ratio_pins_adopted'] else 'not adopted'}"
-                f": the selection's probe {p['calibration.ratio_probe'][-1]}/{n} with them, "
-                f"{p['calibration.ratio_probe_no_pins']}/{n} without")
+                f": {whose} probe {probe_with}/{n} with them, {p['calibration.ratio_probe_no_pins']}/{n} without")
     full = f"; the full model's probe {p['calibration.ratio_probe_full']}/{n}" if "calibration.ratio_probe_full" in p else ""
-    return [f"retrieval ratio at budget {p['calibration.ratio_budget']:g} ({p['calibration.ratio_context']} tokens, "
-            f"{p['calibration.ratio_tokens']} positions, KLD x its 95% interval against the last): {verdict}{pin_line}"
-            f"{full}",
+    if against_full:
+        full = f"; the full model answers {p['calibration.ratio_probe_full']}/{n} of the probes right"
+    where = (f"against the full model (the selection left no local head; each candidate at the recorded window, "
+             f"less the pins; KLD and its 95% interval; probe: the full model's answer given)" if against_full else
+             f"at budget {p['calibration.ratio_budget']:g}")
+    how = "" if against_full else ", KLD x its 95% interval against the last"
+    return [f"retrieval ratio {where} ({p['calibration.ratio_context']} tokens, "
+            f"{p['calibration.ratio_tokens']} positions{how}): {verdict}{pin_line}{full}",
             f"  measured: {cells}"]
 
 
@@ -510,8 +544,10 @@ def add_subcommands(sub) -> None:
                         "row is off; a ratio that wins (KLD 95%% interval below 1, probe not worse) replaces the head "
                         "map, and the pins become the model's default where they lose no probe (razor-gguf's doors "
                         "then read each prompt twice); about 126 reference forwards of 2048 tokens: 10 more minutes "
-                        "on 2 CPU cores for SmolLM2. A model it cannot measure keeps the selection's map with a "
-                        "notice (an error with --ratios); --no-ratios skips it")
+                        "on 2 CPU cores for SmolLM2. Where the selection leaves no local head (Gemma 3) fewer heads "
+                        "are held to the full model instead: the fewest that give its answer to every probe and keep "
+                        "its next token on 96%% replace the map. A model it cannot measure keeps the selection's map "
+                        "with a notice (an error with --ratios); --no-ratios skips it")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the reference pass runs (default auto: a CUDA GPU when PyTorch sees one, else the CPU)")
     e.add_argument("--reorder-heads", action="store_true",

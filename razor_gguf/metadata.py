@@ -131,6 +131,7 @@ def ratios_kv(m) -> dict:
         "razor.calibration.ratio_n_pin": (V.UINT32, int(m.n_pin), None),
         "razor.calibration.ratio_adopted": (V.BOOL, bool(m.adopted), None),
         "razor.calibration.ratio_pins_adopted": (V.BOOL, bool(m.pins_adopted), None),
+        "razor.calibration.ratio_against_full": (V.BOOL, bool(m.against_full), None),
     }
     if m.pins_adopted:
         out["razor.n_pin"] = (V.UINT32, int(m.n_pin), None)

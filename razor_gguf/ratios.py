@@ -21,6 +21,14 @@ ratio is measured on the model, not assumed:
    KLD ratio against it has its whole paired block-bootstrap 95% interval below 1 and whose probe answers at least
    as many prompts.
 
+Where the stored map leaves no local head (a sliding-window model such as Gemma 3, whose few global-layer heads the
+selection makes all retrieval heads: razor then runs the stock cache), there is no equal-memory comparison to make:
+the stored map is the full model. Every candidate that leaves a local head then runs at the recorded window (less the
+pins), and the one with the fewest retrieval heads that gives the full model's answer to every probe (its top-1 at
+every position of the number, right or wrong: the probe's `probe` counts agreement there) and keeps the full model's
+next token on TOP1_TARGET of the positions replaces it (`against_full`; the KLD interval is then the candidate's
+own, not a ratio).
+
 Pins need the compensation row off; where the measured row is on, every candidate runs without pins and the pins
 stay off. Where it is off, the stored map is also probed without pins: the pins become the model's default
 (razor.n_pin) only where they lose no probe. They are the default of razor-gguf's doors, which read each prompt
@@ -58,11 +66,14 @@ class RatioMeasurement:
     kld_no_pins: tuple[float, ...] | None  # the same maps' first reads, without pins (None where no pins ran)
     top1: tuple[float, ...]
     kld_ratio_95: tuple[tuple[float, float], ...]  # KLD against the stored map's, paired block bootstrap
-    probe: tuple[int, ...]  # probe prompts answered
+    # (against_full: each map's own KLD, block bootstrap; the stored map's (0, 0))
+    probe: tuple[int, ...]  # probe prompts answered (against_full: answered as the full model answers them)
     n_probes: int
-    probe_no_pins: int  # the stored map's probe without pins (= probe[-1] when n_pin is 0)
+    probe_no_pins: int  # the stored map's probe without pins (= probe[-1] when n_pin is 0); against_full: the adopted
+    # map's
     probe_full: int  # the full model's answers: the probe's ceiling (a miss it shares is the model's, not the cache's)
     n_positions: int
+    against_full: bool = False  # the stored map left no local head: candidates held to the full model (above)
 
 
 def selection_ratios(ratio: float, echo_ratio: float) -> tuple[float, float]:
@@ -87,13 +98,33 @@ def candidates(scores_ratio: float, ratios: Sequence[float] = RATIOS) -> list[fl
     return sorted({r for r in ratios if 0 < r < scores_ratio - 1e-9}) + [scores_ratio]
 
 
+def candidate_maps(hp, echo: np.ndarray, induction: np.ndarray, head_map: np.ndarray, echo_ratio: float,
+                   ratios: Sequence[float] = RATIOS) -> tuple[list[float], list[np.ndarray]]:
+    """(ratios, head maps) measure_ratios measures, the stored map last: each candidate ratio's selection, the first
+    ratio of each distinct map only, and none equal to the stored map (a sliding-window model's few global heads
+    make several ratios select the same heads)."""
+    from .calibration import swa_layers
+
+    head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
+    swa = swa_layers(hp)
+    rs, maps = [], []
+    for r in candidates(float(head_map.sum() / head_map.size), ratios)[:-1]:
+        m = select_ratio(echo, induction, r, echo_ratio, swa if any(swa) else None)
+        if not any((m == x).all() for x in (*maps, head_map)):
+            rs.append(r)
+            maps.append(m)
+    return rs + [float(head_map.sum() / head_map.size)], maps + [head_map]
+
+
 def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.ndarray, echo_ratio: float,
                    chunks: list[list[int]], probes: Sequence[tuple[list[int], list[int]]], *, n_sink: int,
                    compensation: bool, ratios: Sequence[float] = RATIOS, budget: float = RATIO_BUDGET,
-                   n_pin: int = N_PIN, progress: Callable[[], None] | None = None) -> RatioMeasurement:
+                   n_pin: int = N_PIN, window: int | None = None,
+                   progress: Callable[[], None] | None = None) -> RatioMeasurement:
     """The module's measurement. head_map: the stored map (the selection's), measured last; chunks and probes of
-    at most the calibration length (the shortest chunk sets the context)."""
-    from .calibration import local_heads, pinned_reads, razor_policy, swa_layers, window_for_budget
+    at most the calibration length (the shortest chunk sets the context). window: the recorded window, which the
+    candidates run at where the stored map leaves no local head (against_full; without it that is an error)."""
+    from .calibration import TOP1_TARGET, local_heads, pinned_reads, razor_policy, swa_layers, window_for_budget
     from .intervals import block_means, bootstrap_ratio
     from .kld import kl_and_top1
 
@@ -101,21 +132,30 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     head_map = np.asarray(head_map).reshape(hp.n_layer, -1)
     swa = swa_layers(hp)
     n_pin = 0 if compensation else int(n_pin)
-    stored = float(head_map.sum() / head_map.size)
-    rs = candidates(stored, ratios)
-    maps = [select_ratio(echo, induction, r, echo_ratio, swa if any(swa) else None) for r in rs[:-1]] + [head_map]
+    rs, maps = candidate_maps(hp, echo, induction, head_map, echo_ratio, ratios)
     n_tok = min(len(t) for t in chunks)
-    windows = []
-    for hm in maps:
-        w = window_for_budget(budget, hm, n_tok, n_sink, [not s for s in swa])
-        windows.append(None if w is None else w - n_pin)
-    if windows[-1] is None or windows[-1] < 1 or sum(local_heads(hp, head_map)) == 0:
-        raise ValueError(f"retrieval ratios: the stored map's retrieval heads alone exceed a budget of {budget} "
-                         f"(or it has no local head)")
+    against_full = sum(local_heads(hp, head_map)) == 0
+    if against_full:
+        if window is None or window - n_pin < 1 or len(maps) == 1:
+            raise ValueError("retrieval ratios: the stored map leaves no local head"
+                             + ("" if len(maps) > 1 else " and no smaller ratio selects other heads"))
+        # the stored map is the full model: never read, every candidate at the recorded window less the pins
+        windows = [window - n_pin] * (len(maps) - 1) + [n_tok - n_sink]
+        budget = 0.0
+    else:
+        windows = []
+        for hm in maps:
+            w = window_for_budget(budget, hm, n_tok, n_sink, [not s for s in swa])
+            windows.append(None if w is None else w - n_pin)
+        if windows[-1] is None or windows[-1] < 1:
+            raise ValueError(f"retrieval ratios: the stored map's retrieval heads alone exceed a budget of {budget}")
     keep = [i for i, w in enumerate(windows) if w is not None and w >= 1]
-    lo = n_sink + min(windows[i] for i in keep)  # where the most retrieval heads (the shortest window) start to evict
+    base = keep[-1]
+    reads = keep[:-1] if against_full else keep  # the maps read (the stock cache is the full model's own read)
+    lo = n_sink + min(windows[i] for i in reads)  # where the most retrieval heads (the shortest window) start to evict
     if n_tok <= lo + BLOCK:
-        raise ValueError(f"retrieval ratios: calibration chunks of {n_tok} tokens evict too little at budget {budget}")
+        raise ValueError(f"retrieval ratios: calibration chunks of {n_tok} tokens evict too little "
+                         f"{'at window ' + str(window) if against_full else 'at budget ' + str(budget)}")
 
     def tick(n):
         for _ in range(n if progress else 0):
@@ -140,7 +180,11 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
         toks = list(toks[:n_tok])
         full = model.forward(toks, want_logits="all", logits_from=lo).numpy()
         tick(1)
-        for i in keep:
+        if against_full:
+            kl[base].append(np.zeros(len(full)))
+            t1[base].append(np.ones(len(full)))
+            kl_first[base].append(np.zeros(len(full)))
+        for i in reads:
             got, first = read(i, toks, len(toks), lo)
             d, a = kl_and_top1(full, got)
             kl[i].append(d)
@@ -152,33 +196,43 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     no_pins = {i: 0 for i in keep}
     full_answers = 0
     for prompt, answer in probes:
-        full_answers += _answered(model.forward(prompt + answer[:-1], want_logits="all",
-                                                logits_from=len(prompt) - 1).numpy(), answer)
+        full = model.forward(prompt + answer[:-1], want_logits="all", logits_from=len(prompt) - 1).numpy()
+        full_answers += _answered(full, answer)
         tick(1)
-        for i in keep:
+        # against_full: a probe counts where the candidate gives the full model's top-1 at every position of the
+        # answer, right or wrong (a model may miss a number's first digit and copy the rest: Gemma 3 270M does)
+        said = full.argmax(axis=-1) if against_full else answer
+        if against_full:
+            probe[base] += 1
+            no_pins[base] += 1
+        for i in reads:
             got = read(i, prompt + answer[:-1], len(prompt), len(prompt) - 1)
-            probe[i] += _answered(got[0], answer)
-            no_pins[i] += _answered(got[1], answer) if n_pin else 0
-    base = keep[-1]
-    den = np.concatenate([block_means(x, BLOCK) for x in kl[base]])
+            probe[i] += _answered(got[0], said)
+            no_pins[i] += _answered(got[1], said) if n_pin else 0
     sizes = np.concatenate([[len(x[j:j + BLOCK]) for j in range(0, len(x), BLOCK)] for x in kl[base]])
-    ci = {}
-    for i in keep:
-        num = np.concatenate([block_means(x, BLOCK) for x in kl[i]])
-        ci[i] = (1.0, 1.0) if i == base else tuple(float(x) for x in bootstrap_ratio(num, den, weights=sizes))
+    blocks = {i: np.concatenate([block_means(x, BLOCK) for x in kl[i]]) for i in keep}
     mean = {i: float(np.concatenate(kl[i]).mean()) for i in keep}
-    wins = [i for i in keep[:-1] if ci[i][1] < 1.0 and probe[i] >= probe[base]]
-    best = min(wins, key=lambda i: mean[i]) if wins else base
+    top1 = {i: float(np.concatenate(t1[i]).mean()) for i in keep}
+    if against_full:
+        ci = {i: (0.0, 0.0) if i == base else bootstrap_ratio(blocks[i], weights=sizes) for i in keep}
+        wins = [i for i in reads if probe[i] >= len(probes) and top1[i] >= TOP1_TARGET]
+        best = min(wins, key=lambda i: (int(maps[i].sum()), mean[i])) if wins else base
+        pins_adopted = bool(n_pin) and best != base and probe[best] >= no_pins[best]
+    else:
+        ci = {i: (1.0, 1.0) if i == base else bootstrap_ratio(blocks[i], blocks[base], weights=sizes) for i in keep}
+        wins = [i for i in keep[:-1] if ci[i][1] < 1.0 and probe[i] >= probe[base]]
+        best = min(wins, key=lambda i: mean[i]) if wins else base
+        pins_adopted = bool(n_pin) and probe[base] >= no_pins[base]
     return RatioMeasurement(
         ratio=float(rs[best]), head_map=maps[best], adopted=best != base, n_pin=n_pin,
-        pins_adopted=bool(n_pin) and probe[base] >= no_pins[base], budget=float(budget), context=n_tok,
+        pins_adopted=pins_adopted, budget=float(budget), context=n_tok,
         ratios=tuple(float(rs[i]) for i in keep), retrieval_heads=tuple(int(maps[i].sum()) for i in keep),
         windows=tuple(int(windows[i]) for i in keep), kld=tuple(mean[i] for i in keep),
         kld_no_pins=tuple(float(np.concatenate(kl_first[i]).mean()) for i in keep) if n_pin else None,
-        top1=tuple(float(np.concatenate(t1[i]).mean()) for i in keep), kld_ratio_95=tuple(ci[i] for i in keep),
+        top1=tuple(top1[i] for i in keep), kld_ratio_95=tuple(tuple(float(x) for x in ci[i]) for i in keep),
         probe=tuple(probe[i] for i in keep), n_probes=len(probes),
-        probe_no_pins=no_pins[base] if n_pin else probe[base], probe_full=full_answers,
-        n_positions=int(sum(len(x) for x in kl[base])))
+        probe_no_pins=(no_pins[best] if against_full else no_pins[base]) if n_pin else probe[base],
+        probe_full=full_answers, n_positions=int(sum(len(x) for x in kl[base])), against_full=against_full)
 
 
 def _answered(logits: np.ndarray, answer: Sequence[int]) -> bool:
@@ -187,6 +241,7 @@ def _answered(logits: np.ndarray, answer: Sequence[int]) -> bool:
 
 
 def passes(n_ratios: int, n_chunks: int, n_probes: int, n_pin: int) -> int:
-    """The forwards measure_ratios reports to `progress` (one per chunk or probe read; two where pins run)."""
+    """The forwards measure_ratios reports to `progress` (one per chunk or probe read; two where pins run) for
+    n_ratios maps read (against_full: the candidates, not the stored map)."""
     reads = 2 if n_pin else 1
     return n_chunks * (1 + n_ratios * reads) + n_probes * (1 + n_ratios * reads)

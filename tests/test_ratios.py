@@ -121,6 +121,105 @@ def test_without_pins_where_the_row_is_on(smollm2_path, smollm2_razor, reference
                        compensation=True, budget=0.1)
 
 
+@pytest.fixture(scope="module")
+def gemma3_short(gemma3_razor):
+    """The measurement on Gemma 3 270M, whose selection makes its three global heads (layers 5, 11, 17) retrieval
+    heads, i.e. the stock cache: held to the full model, run short (one chunk of 640 tokens, 2 probes, 16 pins,
+    window 256): the machinery, not the model's numbers."""
+    from razor_gguf import Llama
+    from razor_gguf.calibration import calibration_chunks
+    from razor_gguf.layer_windows import retrieval_probes
+    from razor_gguf.models import model_path
+    from razor_gguf.ratios import candidate_maps, measure_ratios
+    from razor_gguf.reference import ReferenceModel
+
+    path = str(model_path("gemma3"))
+    tok = Llama(model_path=path, vocab_only=True, verbose=False)
+    chunks = calibration_chunks(lambda s: tok.tokenize(s.encode(), add_bos=True), 1, 640)
+    probes = retrieval_probes(lambda s, bos: tok.tokenize(s.encode(), add_bos=bos), 2, 640)
+    tok.close()
+    info = gemma3_razor[1]
+    model = ReferenceModel(path)
+    echo, ind = np.array(info["echo_scores"]), np.array(info["induction_scores"])
+    hm, e = np.array(info["head_map"]), info["provenance"]["selection.echo_ratio"]
+    passes = []
+    r = measure_ratios(model, echo, ind, hm, e, chunks, probes, n_sink=4, compensation=False, n_pin=16, window=256,
+                       progress=lambda: passes.append(1))
+    return r, hm, len(passes), candidate_maps(model.hp, echo, ind, hm, e)
+
+
+def test_measured_against_the_full_model_where_no_head_is_local(gemma3_short):
+    """A stored map with no local head is the full model itself: it is never read (KLD 0, every probe answered as
+    the full model answers it), each distinct smaller selection runs at the recorded window less the pins, and the
+    fewest heads that give the full model's answer to every probe and keep its next token on 96% replace it."""
+    from razor_gguf.calibration import TOP1_TARGET
+    from razor_gguf.ratios import passes
+
+    r, hm, n_passes, (rs, maps) = gemma3_short
+    assert r.against_full and r.budget == 0 and r.context == 640 and r.n_pin == 16
+    assert r.ratios == pytest.approx(tuple(rs)) and r.ratios[-1] == pytest.approx(3 / 18)
+    assert (maps[-1] == hm).all() and len(maps) >= 2
+    for m in maps[:-1]:  # distinct selections of the global heads, each leaving one local
+        assert 1 <= m.sum() < 3 and set(np.flatnonzero(m.ravel())) <= {5, 11, 17}
+    assert len({m.tobytes() for m in maps}) == len(maps)
+    assert r.retrieval_heads == tuple(int(m.sum()) for m in maps)
+    assert r.windows == (256 - 16,) * (len(maps) - 1) + (640 - 4,)
+    assert n_passes == passes(len(maps) - 1, 1, 2, 16)
+    assert r.n_positions == 640 - 4 - 240
+    assert (r.kld[-1], r.top1[-1], r.kld_ratio_95[-1]) == (0.0, 1.0, (0.0, 0.0)) and r.probe[-1] == 2
+    assert 0 <= r.probe_full <= 2 and all(0 <= a <= 2 for a in (*r.probe, r.probe_no_pins))
+    for k, (lo, hi), t in zip(r.kld[:-1], r.kld_ratio_95[:-1], r.top1[:-1]):
+        assert 0 < lo <= k <= hi and 0.5 < t <= 1  # each candidate's own KLD and its interval
+    wins = [i for i in range(len(maps) - 1) if r.probe[i] == 2 and r.top1[i] >= TOP1_TARGET]  # the full model's answers
+    assert r.adopted == bool(wins)
+    if wins:
+        best = min(wins, key=lambda i: (r.retrieval_heads[i], r.kld[i]))
+        assert (r.head_map == maps[best]).all() and r.ratio == pytest.approx(rs[best])
+        assert r.pins_adopted == (r.probe[best] >= r.probe_no_pins)
+    else:
+        assert (r.head_map == hm).all() and not r.pins_adopted
+
+
+def test_an_adopted_map_runs_razor_on_a_sliding_window_model(tmp_path):
+    """Gemma 3 with a map adopted against the full model (two of its three global heads, 64 pins) loads as a razor
+    cache, no longer the stock one, and inspect says how the map was chosen."""
+    from razor_gguf import Llama, _native
+    from razor_gguf.calibration import CompensationMeasurement
+    from razor_gguf.embed import _summary_from_kv, _with_ratio, format_summary
+    from razor_gguf.metadata import build_razor_kv, open_gguf, write_with_razor
+    from razor_gguf.models import model_path
+    from razor_gguf.scoring import score_model
+
+    want = np.zeros((18, 1), dtype=np.int32)
+    want[[5, 11]] = 1
+    m = _measurement(head_map=want, ratio=0.1, ratios=(0.1, 3 / 18), retrieval_heads=(2, 3), windows=(448, 2044),
+                     kld=(0.004, 0.0), kld_no_pins=(0.005, 0.0), top1=(0.97, 1.0),
+                     kld_ratio_95=((0.003, 0.005), (0.0, 0.0)), probe=(16, 16), n_probes=16, probe_no_pins=15,
+                     probe_full=16, budget=0.0, against_full=True)
+    scores = score_model(str(model_path("gemma3")), probe_len=8)
+    adopted = _with_ratio(scores, m)
+    assert (adopted.head_map == want).all()
+    row_off = CompensationMeasurement(compensation=False, kld_compensation=0.02, kld_no_compensation=0.01, window=512,
+                                      n_sink=4, n_tokens=3000)
+    kv = build_razor_kv(adopted, n_sink=4, window=512, source_name="x", source_sha256="0", tool_version="t",
+                        calibration=row_off, ratios=m)
+    out = tmp_path / "gemma-ratio.gguf"
+    write_with_razor(open_gguf(str(model_path("gemma3"))), str(out), kv, lambda n: None)
+    text = format_summary(_summary_from_kv(kv), detail=False)
+    assert "retrieval ratio against the full model (the selection left no local head" in text
+    assert "adopted: 2 retrieval heads; 64 pins on by default (razor.n_pin): the adopted map's probe 16/16" in text
+    assert "10% (2 heads, W 448): KLD 0.0040 (0.0030-0.0050), top-1 97.0%, probe 16/16" in text
+    assert "17% (3 heads, stock): KLD 0.0000" in text
+
+    llm = Llama(model_path=str(out), n_ctx=2048, n_batch=64, verbose=False)
+    try:
+        st = llm.razor_stats()
+        assert _native.kv_bytes(llm._ctx.ctx).razor and st["pins"] == 64 and st["retrieval_heads"] == 2
+        assert list(np.flatnonzero(np.array(_native.head_map(llm._ctx.ctx)))) == [5, 11]
+    finally:
+        llm.close()
+
+
 def _measurement(**kw):
     base = dict(ratio=0.05, head_map=np.zeros((30, 3), dtype=np.int32), adopted=True, n_pin=64,
                 pins_adopted=True, budget=0.35, context=2048,
@@ -200,8 +299,8 @@ def test_measured_by_default_and_skipped_where_it_cannot_be(smollm2_path, tmp_pa
     r = subprocess.run(args + ["-o", str(tmp_path / "a.gguf")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     notice = [line for line in r.stderr.splitlines() if "retrieval ratios" in line]
-    assert notice == ["razor-gguf: retrieval ratios: the stored map's retrieval heads alone exceed a budget of 0.35 "
-                      "(or it has no local head); the selection's head map is kept"]
+    assert notice == ["razor-gguf: retrieval ratios: the stored map's retrieval heads alone exceed a budget of 0.35; "
+                      "the selection's head map is kept"]
     import json
 
     info = json.loads(r.stdout)
@@ -210,4 +309,35 @@ def test_measured_by_default_and_skipped_where_it_cannot_be(smollm2_path, tmp_pa
     r = subprocess.run(args + ["-o", str(tmp_path / "b.gguf"), "--ratios"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1:] == [
         f"razor-gguf: error: {smollm2_path}: retrieval ratios: the stored map's retrieval heads alone exceed a budget "
-        "of 0.35 (or it has no local head)"] and not (tmp_path / "b.gguf").exists()
+        "of 0.35"] and not (tmp_path / "b.gguf").exists()
+
+
+def test_embed_heads_adopts_a_sliding_window_models_ratio_against_the_full_model(tmp_path, monkeypatch):
+    """embed-heads on Gemma 3 270M, whose selection leaves no local head: the row is measured on the smallest
+    candidate, the ratio against the full model, and no budget is recommended (its fractions would count the
+    sliding-window layers' cache in llama.cpp, not here); an adopted map makes llama.cpp run razor, with the
+    recorded window. Shortened (1024-token chunks, 4 probes): the wiring, not the model's numbers."""
+    from razor_gguf import Llama, _native, calibration, ratios
+    from razor_gguf.embed import embed_heads
+    from razor_gguf.models import model_path
+
+    monkeypatch.setattr(calibration, "DEFAULT_CHUNK_TOKENS", 1024)
+    monkeypatch.setattr(ratios, "N_PROBES", 4)
+    out = tmp_path / "gemma-measured.gguf"
+    info = embed_heads(str(model_path("gemma3")), str(out), probe_len=600)
+    p = info["provenance"]
+    assert p["calibration.ratio_against_full"] and p["calibration.ratio_context"] == 1024
+    assert p["calibration.ratio_heads"][-1] == 3 and p["calibration.ratio_budget"] == 0
+    assert "calibration.kld_compensation" in p and "calibration.budgets" not in p and info["kv_budget"] is None
+    hm = np.array(info["head_map"]).ravel()
+    assert p["calibration.ratio_adopted"] == (hm.sum() < 3) and set(np.flatnonzero(hm)) <= {5, 11, 17}
+    assert info["n_pin"] == (64 if p["calibration.ratio_pins_adopted"] else 0)
+    llm = Llama(model_path=str(out), n_ctx=2048, verbose=False)
+    try:
+        assert bool(_native.kv_bytes(llm._ctx.ctx).razor) == bool(p["calibration.ratio_adopted"])
+        if p["calibration.ratio_adopted"]:
+            st = llm.razor_stats()
+            assert st["window"] == 512 and st["retrieval_heads"] == hm.sum()
+            assert (np.array(_native.head_map(llm._ctx.ctx)).ravel() == hm).all()
+    finally:
+        llm.close()
