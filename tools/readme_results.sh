@@ -167,4 +167,12 @@ if [[ $what == all || $what == eval ]]; then
   EG=(.venv/bin/python tools/evidence.py run "$GEMMA_R" --out "$OUT/evidence-gemma3.json" --budget 0.8 --plan targets)
   "${EG[@]}" --ctx 8192 --task passkey --method full --method streaming --method razor_pins_r0.01 \
     --method razor_pins_r0.06
+  # the same at the defaults embed-heads measures for it (its ratio held to the full model: layers 5 and 11 kept
+  # whole, the compensation row on); the file keeps its usual name in a folder of its own
+  GEMMA_M="$CACHE/measured/$(basename "${GEMMA%.gguf}").razor.gguf"
+  mkdir -p "$CACHE/measured"
+  [ -f "$GEMMA_M" ] || $RG embed-heads "$GEMMA" -o "$GEMMA_M"
+  .venv/bin/python tools/evidence.py run "$GEMMA_M" --out "$OUT/evidence-gemma3-measured.json" --budget 0.8 \
+    --plan targets --ctx 8192 --task passkey --method razor --method full --n 20
+  $RG bench "$GEMMA_M" --ctx 8192 --ctx 32768 --ctx 131072 --kv-only --modes full,razor
 fi
