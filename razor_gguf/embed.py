@@ -246,7 +246,8 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
     comp_map = scores.head_map  # the map the row is measured with: one with local heads
-    if sum(local_heads(hp, scores.head_map)) == 0:
+    stock = sum(local_heads(hp, scores.head_map)) == 0
+    if stock:
         # every global head a retrieval head (a sliding-window model): razor runs the stock cache unless the ratio
         # measurement finds fewer heads that keep the full model's answers; the row is measured on the smallest
         maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
@@ -283,7 +284,7 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
         n_pin = 0 if comp.compensation else _ratios.N_PIN
         maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
                                       scores.provenance["echo_ratio"])[1]
-        n_read = len(maps) - (comp_map is not scores.head_map)  # a stock stored map is not read
+        n_read = len(maps) - stock  # a stock stored map is not read
         with _bar(_ratios.passes(n_read, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
             try:
                 measured_ratios = _ratios.measure_ratios(

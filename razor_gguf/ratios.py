@@ -215,7 +215,8 @@ def measure_ratios(model, echo: np.ndarray, induction: np.ndarray, head_map: np.
     top1 = {i: float(np.concatenate(t1[i]).mean()) for i in keep}
     if against_full:
         ci = {i: (0.0, 0.0) if i == base else bootstrap_ratio(blocks[i], weights=sizes) for i in keep}
-        wins = [i for i in reads if probe[i] >= len(probes) and top1[i] >= TOP1_TARGET]
+        # every probe as the full model answers it (no probes: nothing is adopted on the KLD alone)
+        wins = [i for i in reads if probes and probe[i] >= len(probes) and top1[i] >= TOP1_TARGET]
         best = min(wins, key=lambda i: (int(maps[i].sum()), mean[i])) if wins else base
         pins_adopted = bool(n_pin) and best != base and probe[best] >= no_pins[best]
     else:
