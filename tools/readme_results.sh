@@ -174,5 +174,5 @@ if [[ $what == all || $what == eval ]]; then
   [ -f "$GEMMA_M" ] || $RG embed-heads "$GEMMA" -o "$GEMMA_M"
   .venv/bin/python tools/evidence.py run "$GEMMA_M" --out "$OUT/evidence-gemma3-measured.json" --budget 0.8 \
     --plan targets --ctx 8192 --task passkey --method razor --method full --n 20
-  $RG bench "$GEMMA_M" --ctx 8192 --ctx 32768 --ctx 131072 --kv-only --modes full,razor
+  run kv-gemma3-measured bench "$GEMMA_M" --ctx 8192 --ctx 32768 --ctx 131072 --kv-only --modes full,razor
 fi
