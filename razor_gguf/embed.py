@@ -245,16 +245,15 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
 
     hp = model.hp
     n_tokens = min(DEFAULT_CHUNK_TOKENS, hp.n_ctx_train or DEFAULT_CHUNK_TOKENS)
-    comp_map = scores.head_map  # the map the row is measured with: one with local heads
+    # the maps the ratio measurement reads, the stored one last
+    maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
+                                  scores.provenance["echo_ratio"])[1]
+    # every global head a retrieval head (a sliding-window model): razor runs the stock cache unless the ratio
+    # measurement finds fewer heads that keep the full model's answers; the row is then measured on the smallest
     stock = sum(local_heads(hp, scores.head_map)) == 0
-    if stock:
-        # every global head a retrieval head (a sliding-window model): razor runs the stock cache unless the ratio
-        # measurement finds fewer heads that keep the full model's answers; the row is measured on the smallest
-        maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
-                                      scores.provenance["echo_ratio"])[1]
-        if ratios is False or len(maps) == 1:
-            return None, None, None, None, scores
-        comp_map = maps[0]
+    if stock and (ratios is False or len(maps) == 1):
+        return None, None, None, None, scores
+    comp_map = maps[0] if stock else scores.head_map  # the map the row is measured with: one with local heads
     if n_tokens < n_sink + window + 256:
         return None, None, None, None, scores
     from . import _native
@@ -282,8 +281,6 @@ def _calibrate(path: str, model, scores, n_sink: int, window: int, layer_windows
     measured_ratios = None
     if ratios is not False:
         n_pin = 0 if comp.compensation else _ratios.N_PIN
-        maps = _ratios.candidate_maps(hp, scores.echo, scores.induction, scores.head_map,
-                                      scores.provenance["echo_ratio"])[1]
         n_read = len(maps) - stock  # a stock stored map is not read
         with _bar(_ratios.passes(n_read, len(chunks), _ratios.N_PROBES, n_pin), "retrieval ratios", unit="pass") as bar:
             try:
@@ -418,9 +415,12 @@ def _ratio_lines(info: dict) -> list[str]:
     pin_line = ("" if not pins or (against_full and not p["calibration.ratio_adopted"]) else
                 f"; {pins} pins {'on by default (razor.n_pin)' if p['calibration.ratio_pins_adopted'] else 'not adopted'}"
                 f": {whose} probe {probe_with}/{n} with them, {p['calibration.ratio_probe_no_pins']}/{n} without")
-    full = f"; the full model's probe {p['calibration.ratio_probe_full']}/{n}" if "calibration.ratio_probe_full" in p else ""
     if against_full:
         full = f"; the full model answers {p['calibration.ratio_probe_full']}/{n} of the probes right"
+    elif "calibration.ratio_probe_full" in p:
+        full = f"; the full model's probe {p['calibration.ratio_probe_full']}/{n}"
+    else:
+        full = ""
     where = (f"against the full model (the selection left no local head; each candidate at the recorded window, "
              f"less the pins; KLD and its 95% interval; probe: the full model's answer given)" if against_full else
              f"at budget {p['calibration.ratio_budget']:g}")
